@@ -1,0 +1,222 @@
+//! Wiring: builds the source, database, status, worker and scheduler from a [`Config`], and runs
+//! them as the daemon ([`App::run_until_stopped`]) or for one tick ([`App::run_once`]). Also the
+//! small commands: `check`, `status`, `retry-failed`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use secrecy::ExposeSecret;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::config::Config;
+use crate::format::CsvOptions;
+use crate::http::{self, AppState};
+use crate::scheduler::Scheduler;
+use crate::sink::Database;
+use crate::source::{FAILED, Source};
+use crate::status::Status;
+use crate::worker::{FileOutcome, Worker};
+
+pub struct App {
+    config: Config,
+    source: Arc<Source>,
+    db: Arc<Database>,
+    status: Arc<Status>,
+    listener: Option<TcpListener>,
+}
+
+/// What one `once` tick did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct OnceSummary {
+    pub listed: u64,
+    pub loaded: u64,
+    pub rows: u64,
+    pub already_loaded: u64,
+    pub failed: u64,
+    pub retry: u64,
+    pub busy: u64,
+}
+
+impl App {
+    /// Sets everything up without needing the database to be up (it is reached lazily).
+    pub async fn build(config: Config, serve_http: bool) -> anyhow::Result<App> {
+        let source = Arc::new(Source::connect(&config.source).await?);
+        let db = Arc::new(Database::connect_lazy(&config)?);
+        let listener = if serve_http && config.http.enabled {
+            let addr = config.listen_addr();
+            Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("http.listen: cannot listen on {addr}"))?,
+            )
+        } else {
+            None
+        };
+        Ok(App {
+            status: Arc::new(Status::new(&config.pipeline)),
+            config,
+            source,
+            db,
+            listener,
+        })
+    }
+
+    /// The HTTP port actually bound (useful with port 0).
+    pub fn http_port(&self) -> Option<u16> {
+        self.listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map(|a| a.port())
+    }
+
+    fn worker(&self) -> Arc<Worker> {
+        Arc::new(Worker {
+            source: self.source.clone(),
+            db: self.db.clone(),
+            status: self.status.clone(),
+            csv: CsvOptions {
+                delimiter: self.config.csv_delimiter(),
+                quote: self.config.csv_quote(),
+                null: self.config.csv.null.clone(),
+            },
+            ledger_table: self.config.database.ledger_table.clone(),
+        })
+    }
+
+    /// The daemon: ticks until `stop` is cancelled, then drains within `shutdown.grace`.
+    pub async fn run_until_stopped(self, stop: CancellationToken) -> anyhow::Result<()> {
+        let scheduler = Scheduler::new(&self.config, self.worker(), stop.clone());
+        let http_stop = CancellationToken::new();
+        let server = match self.listener {
+            Some(listener) => {
+                info!(http.listen = %listener.local_addr()?, "serving /healthz /readyz /status /metrics");
+                let state = AppState {
+                    status: self.status.clone(),
+                    source: self.source.clone(),
+                    db: self.db.clone(),
+                    liveness_window: self.config.schedule.interval * 3 + Duration::from_secs(60),
+                    secrets: Arc::new(vec![self.config.database.url.expose_secret().to_string()]),
+                };
+                let shutdown = http_stop.clone();
+                Some(tokio::spawn(async move {
+                    axum::serve(listener, http::router(state))
+                        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+                        .await
+                }))
+            }
+            None => None,
+        };
+        info!(
+            pipeline = %self.config.pipeline,
+            source = %self.source.id(),
+            database = %crate::redact::url(self.config.database.url.expose_secret()),
+            interval_s = self.config.schedule.interval.as_secs_f64(),
+            concurrency = self.config.workers.concurrency,
+            "loader started"
+        );
+        let abandoned = scheduler.run(self.config.shutdown.grace).await;
+        // HTTP stays up while loads drain, so probes keep answering during a rollout.
+        http_stop.cancel();
+        if let Some(server) = server {
+            server.await??;
+        }
+        self.db.close().await;
+        info!(abandoned, "loader stopped");
+        Ok(())
+    }
+
+    /// One tick, waiting for every load it started.
+    pub async fn run_once(self) -> anyhow::Result<OnceSummary> {
+        let stop = CancellationToken::new();
+        let scheduler = Scheduler::new(&self.config, self.worker(), stop);
+        let handles = scheduler.tick().await;
+        let snapshot = self.status.snapshot();
+        if let Some(tick) = snapshot.last_tick.as_ref().filter(|t| t.result != "ok") {
+            anyhow::bail!("{}", tick.result);
+        }
+        let mut summary = OnceSummary {
+            listed: snapshot.last_tick.map(|t| t.listed).unwrap_or(0),
+            ..OnceSummary::default()
+        };
+        for handle in handles {
+            match handle.await.context("a load task panicked")? {
+                FileOutcome::Loaded { rows } => {
+                    summary.loaded += 1;
+                    summary.rows += rows;
+                }
+                FileOutcome::AlreadyLoaded => summary.already_loaded += 1,
+                FileOutcome::Failed(_) => summary.failed += 1,
+                FileOutcome::Retry { .. } | FileOutcome::NotStarted => summary.retry += 1,
+                FileOutcome::Busy => summary.busy += 1,
+            }
+        }
+        self.db.close().await;
+        Ok(summary)
+    }
+
+    /// `check`: the store and the database answer. Returns one line per check.
+    pub async fn check(&self) -> Vec<(String, Result<(), String>)> {
+        let store = self.source.check().await.map_err(|e| e.to_string());
+        let url = self.config.database.url.expose_secret();
+        let db = match self.db.ping().await {
+            Ok(()) => self.db.ensure_ledger().await.map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        }
+        .map_err(|e| crate::redact::scrub(&e, &[url]));
+        vec![
+            (format!("store {}", self.source.id()), store),
+            (format!("database {}", crate::redact::url(url)), db),
+        ]
+    }
+
+    /// `status`: a listing-based backlog report for a terminal.
+    pub async fn backlog_report(&self) -> anyhow::Result<String> {
+        let (incoming, _) = self.source.list_incoming().await?;
+        let failed = self.source.list_failed().await?;
+        let now = chrono::Utc::now();
+        let oldest = incoming.iter().map(|o| o.last_modified).min();
+        let bytes: u64 = incoming.iter().map(|o| o.size).sum();
+        let mut out = format!(
+            "source:   {}\nbacklog:  {} file(s), {} byte(s)\noldest:   {}\n",
+            self.source.id(),
+            incoming.len(),
+            bytes,
+            oldest
+                .map(|t| format!("{}s old ({t})", (now - t).num_seconds()))
+                .unwrap_or_else(|| "-".into()),
+        );
+        let mut failed: Vec<_> = failed.into_iter().filter(|o| !o.key.ends_with(".error.json")).collect();
+        failed.sort_by_key(|o| std::cmp::Reverse(o.last_modified));
+        out.push_str(&format!("failed:   {} file(s) in {FAILED}\n", failed.len()));
+        for f in failed.iter().take(10) {
+            out.push_str(&format!(
+                "  {}  {FAILED}{}  (report: {FAILED}{}.error.json)\n",
+                f.last_modified, f.key, f.key
+            ));
+        }
+        Ok(out)
+    }
+
+    /// `retry-failed`: moves files (optionally only under `prefix`) from `failed/` back to
+    /// `incoming/` and lets the ledger load them again. Returns how many were moved.
+    pub async fn retry_failed(&self, prefix: Option<&str>) -> anyhow::Result<u64> {
+        self.db.ensure_ledger().await?;
+        let mut moved = 0;
+        for obj in self.source.list_failed().await? {
+            if obj.key.ends_with(".error.json") || !prefix.is_none_or(|p| obj.key.starts_with(p)) {
+                continue;
+            }
+            // Ledger first: a file back in incoming/ must not be taken for an already-failed one.
+            self.db.reset_failed(self.source.id(), &obj.key).await?;
+            if self.source.move_back(&obj).await? == crate::source::MoveOutcome::Moved {
+                self.source.delete(&format!("{FAILED}{}.error.json", obj.key)).await?;
+                moved += 1;
+                info!(key = %obj.key, "moved back to incoming/");
+            }
+        }
+        Ok(moved)
+    }
+}

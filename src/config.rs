@@ -1,0 +1,524 @@
+//! Configuration: built-in defaults, then a TOML file (`--config FILE` or `LOADER_CONFIG`), then
+//! environment variables `LOADER_<SECTION>__<KEY>`; later wins. Every key is documented in
+//! `config/default.toml`. [`Config::load`] reports every problem at once and names the key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+/// The whole configuration. Unknown keys anywhere are an error.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Name of this pipeline: a log field and the default CloudWatch dimension value.
+    pub pipeline: String,
+    pub source: SourceConfig,
+    pub database: DatabaseConfig,
+    pub schedule: ScheduleConfig,
+    pub workers: WorkersConfig,
+    pub csv: CsvConfig,
+    pub http: HttpConfig,
+    pub shutdown: ShutdownConfig,
+    pub log: LogConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            pipeline: "default".into(),
+            source: SourceConfig::default(),
+            database: DatabaseConfig::default(),
+            schedule: ScheduleConfig::default(),
+            workers: WorkersConfig::default(),
+            csv: CsvConfig::default(),
+            http: HttpConfig::default(),
+            shutdown: ShutdownConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+/// Where files come from.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SourceConfig {
+    /// `file://DIR` (a local folder) or `s3://BUCKET[/ROOT]`. The folders `incoming/`,
+    /// `processed/` and `failed/` live under it.
+    pub url: String,
+    /// S3 endpoint override for S3-compatible stores; `AWS_ENDPOINT_URL` works as well.
+    pub endpoint: Option<String>,
+    /// AWS region override; otherwise the standard AWS chain (`AWS_REGION`, profile, ...).
+    pub region: Option<String>,
+    /// Address buckets as `endpoint/bucket` instead of `bucket.endpoint` (most test servers).
+    pub force_path_style: bool,
+    /// A file modified more recently than this is assumed to be still being written and is
+    /// left for a later tick. Local folders only; S3 objects appear only once complete.
+    #[serde(with = "duration")]
+    pub settle_time: Duration,
+}
+
+impl Default for SourceConfig {
+    fn default() -> Self {
+        Self {
+            url: "file://./data".into(),
+            endpoint: None,
+            region: None,
+            force_path_style: false,
+            settle_time: Duration::from_secs(1),
+        }
+    }
+}
+
+/// The target database.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// `sqlite://PATH`, `postgres://...` or `mysql://...`. Treated as a secret: never printed.
+    pub url: SecretString,
+    /// Connection pool size; 0 means `workers.concurrency + 2`.
+    pub max_connections: u32,
+    /// How long to wait for a connection (also the pool's acquire timeout).
+    #[serde(with = "duration")]
+    pub connect_timeout: Duration,
+    /// Name of the ledger table (one row per file identity) in the target database.
+    pub ledger_table: String,
+    /// Create a missing target table, with column types inferred from the file's first rows.
+    pub create_tables: bool,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: SecretString::from("sqlite://./data/loader.db"),
+            max_connections: 0,
+            connect_timeout: Duration::from_secs(10),
+            ledger_table: "s3_sql_loader_files".into(),
+            create_tables: true,
+        }
+    }
+}
+
+/// When and how much to pick up.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScheduleConfig {
+    /// Time between two listings of `incoming/`.
+    #[serde(with = "duration")]
+    pub interval: Duration,
+    /// At most this many files are handed to the workers per tick (oldest first).
+    pub max_files_per_tick: usize,
+}
+
+impl Default for ScheduleConfig {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(15),
+            max_files_per_tick: 100,
+        }
+    }
+}
+
+/// The worker pool.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkersConfig {
+    /// Loads running at once (and so database connections busy loading).
+    pub concurrency: usize,
+    /// Files started per second at most, across all workers of this process.
+    pub files_per_second: u32,
+}
+
+impl Default for WorkersConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: 4,
+            files_per_second: 50,
+        }
+    }
+}
+
+/// CSV decoding.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CsvConfig {
+    /// Field delimiter, one ASCII character (`"\t"` for TSV).
+    pub delimiter: String,
+    /// Quote character, one ASCII character.
+    pub quote: String,
+    /// A field equal to this string loads as NULL. The default, the empty string, makes an
+    /// empty field NULL.
+    pub null: String,
+}
+
+impl Default for CsvConfig {
+    fn default() -> Self {
+        Self {
+            delimiter: ",".into(),
+            quote: "\"".into(),
+            null: String::new(),
+        }
+    }
+}
+
+/// The HTTP server for health, status and metrics.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Serve HTTP at all (`run` only).
+    pub enabled: bool,
+    /// Address and port to listen on.
+    pub listen: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: "127.0.0.1:8080".into(),
+        }
+    }
+}
+
+/// Stopping.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// After SIGTERM/SIGINT, how long in-flight loads may take to finish before the process
+    /// exits anyway (their transactions then roll back). Keep it below the orchestrator's
+    /// kill timeout (Kubernetes' terminationGracePeriodSeconds, ECS stopTimeout).
+    #[serde(with = "duration")]
+    pub grace: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self {
+            grace: Duration::from_secs(25),
+        }
+    }
+}
+
+/// Logging.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `auto` (JSON unless standard error is a terminal), `text` or `json`.
+    pub format: LogFormat,
+    /// A tracing filter such as `info` or `s3_sql_loader=debug`; `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Auto,
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Auto,
+    Text,
+    Json,
+}
+
+/// The source URL, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceUrl {
+    Local(PathBuf),
+    S3 { bucket: String, root: String },
+}
+
+/// Which database the URL selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Postgres,
+    MySql,
+    Sqlite,
+}
+
+/// A configuration that cannot be used; the message lists every problem, one per line.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n{}", .problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+pub struct ConfigError {
+    pub problems: Vec<String>,
+}
+
+impl Config {
+    /// Reads defaults, then `file` (when given), then the `LOADER_*` environment, and validates.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::figment(file)
+            .extract::<Config>()
+            .map_err(|e| ConfigError {
+                problems: e.into_iter().map(describe_figment_error).collect(),
+            })
+            .and_then(|c| c.validated())
+    }
+
+    fn figment(file: Option<&Path>) -> Figment {
+        let mut figment = Figment::new();
+        if let Some(file) = file {
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        // `LOADER_CONFIG` names the file; it is not a key of the configuration itself.
+        figment.merge(
+            Env::prefixed("LOADER_")
+                .filter(|k| !k.as_str().eq_ignore_ascii_case("config"))
+                .split("__"),
+        )
+    }
+
+    /// Checks every value and reports all problems at once.
+    pub fn validated(self) -> Result<Config, ConfigError> {
+        let mut problems = Vec::new();
+        if let Err(e) = self.source_url() {
+            problems.push(format!("source.url: {e}"));
+        }
+        if let Err(e) = self.dialect() {
+            problems.push(format!("database.url: {e}"));
+        }
+        if !crate::schema::is_safe_identifier(&self.database.ledger_table) {
+            problems.push(format!(
+                "database.ledger_table: {:?} is not a safe SQL identifier (letters, digits and _, not starting with a digit, at most 63 characters)",
+                self.database.ledger_table
+            ));
+        }
+        if self.schedule.interval < Duration::from_millis(100) {
+            problems.push("schedule.interval: must be at least 100ms".into());
+        }
+        if self.schedule.max_files_per_tick == 0 {
+            problems.push("schedule.max_files_per_tick: must be at least 1".into());
+        }
+        if self.workers.concurrency == 0 || self.workers.concurrency > 256 {
+            problems.push("workers.concurrency: must be between 1 and 256".into());
+        }
+        if self.workers.files_per_second == 0 {
+            problems.push("workers.files_per_second: must be at least 1".into());
+        }
+        for (key, value) in [("csv.delimiter", &self.csv.delimiter), ("csv.quote", &self.csv.quote)] {
+            if single_ascii(value).is_none() {
+                problems.push(format!("{key}: must be exactly one ASCII character, got {value:?}"));
+            }
+        }
+        if self.csv.delimiter == self.csv.quote {
+            problems.push("csv.quote: must differ from csv.delimiter".into());
+        }
+        if self.http.listen.parse::<SocketAddr>().is_err() {
+            problems.push(format!(
+                "http.listen: expected ADDRESS:PORT such as 127.0.0.1:8080, got {:?}",
+                self.http.listen
+            ));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            problems.push(format!(
+                "log.level: {:?} is not a log filter; use e.g. info, debug or s3_sql_loader=debug",
+                self.log.level
+            ));
+        }
+        if self.pipeline.is_empty() || self.pipeline.len() > 200 {
+            problems.push("pipeline: must be 1 to 200 characters".into());
+        }
+        if problems.is_empty() {
+            Ok(self)
+        } else {
+            Err(ConfigError { problems })
+        }
+    }
+
+    pub fn source_url(&self) -> Result<SourceUrl, String> {
+        parse_source_url(&self.source.url)
+    }
+
+    pub fn dialect(&self) -> Result<Dialect, String> {
+        dialect_of(self.database.url.expose_secret())
+    }
+
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.http.listen.parse().expect("http.listen was validated at load")
+    }
+
+    pub fn csv_delimiter(&self) -> u8 {
+        single_ascii(&self.csv.delimiter).expect("csv.delimiter was validated at load")
+    }
+
+    pub fn csv_quote(&self) -> u8 {
+        single_ascii(&self.csv.quote).expect("csv.quote was validated at load")
+    }
+
+    pub fn max_connections(&self) -> u32 {
+        match self.database.max_connections {
+            0 => self.workers.concurrency as u32 + 2,
+            n => n,
+        }
+    }
+}
+
+fn single_ascii(s: &str) -> Option<u8> {
+    match s.as_bytes() {
+        [b] if b.is_ascii() => Some(*b),
+        _ => None,
+    }
+}
+
+/// Parses `file://DIR` and `s3://BUCKET[/ROOT]`.
+pub fn parse_source_url(url: &str) -> Result<SourceUrl, String> {
+    if let Some(path) = url.strip_prefix("file://") {
+        if path.is_empty() {
+            return Err("file:// needs a folder, e.g. file://./data or file:///var/lib/loader".into());
+        }
+        return Ok(SourceUrl::Local(PathBuf::from(path)));
+    }
+    if let Some(rest) = url.strip_prefix("s3://") {
+        let (bucket, root) = rest.split_once('/').unwrap_or((rest, ""));
+        let valid_bucket = (3..=63).contains(&bucket.len())
+            && bucket
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-');
+        if !valid_bucket {
+            return Err(format!("{bucket:?} is not a valid S3 bucket name"));
+        }
+        let root = root.trim_matches('/');
+        let root = if root.is_empty() {
+            String::new()
+        } else {
+            format!("{root}/")
+        };
+        return Ok(SourceUrl::S3 {
+            bucket: bucket.into(),
+            root,
+        });
+    }
+    Err(format!(
+        "expected file://DIR or s3://BUCKET[/ROOT], got {:?}",
+        crate::redact::url(url)
+    ))
+}
+
+/// Picks the database from the URL scheme.
+pub fn dialect_of(url: &str) -> Result<Dialect, String> {
+    let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or("");
+    match scheme {
+        "postgres" | "postgresql" => Ok(Dialect::Postgres),
+        "mysql" | "mariadb" => Ok(Dialect::MySql),
+        "sqlite" => Ok(Dialect::Sqlite),
+        _ => Err(format!(
+            "expected a postgres://, mysql:// or sqlite:// URL, got {:?}",
+            crate::redact::url(url)
+        )),
+    }
+}
+
+/// Turns one figment error into "key: what is wrong (where it came from)".
+fn describe_figment_error(e: figment::Error) -> String {
+    let key = if e.path.is_empty() {
+        "(top level)".to_string()
+    } else {
+        e.path.join(".")
+    };
+    let origin = e
+        .metadata
+        .as_ref()
+        .map(|m| match &m.source {
+            Some(src) => format!(" (from {} {src})", m.name),
+            None => format!(" (from {})", m.name),
+        })
+        .unwrap_or_default();
+    let what = match &e.kind {
+        figment::error::Kind::UnknownField(field, expected) => {
+            let key = if key == "(top level)" { field.clone() } else { key };
+            return format!("{key}: unknown key; expected one of: {}{origin}", expected.join(", "));
+        }
+        kind => kind.to_string(),
+    };
+    format!("{key}: {what}{origin}")
+}
+
+/// Durations as humantime strings ("15s", "500ms", "2m") or whole seconds.
+mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, de};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Seconds(u64),
+        Text(String),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        match Raw::deserialize(d)? {
+            Raw::Seconds(s) => Ok(Duration::from_secs(s)),
+            Raw::Text(t) => humantime::parse_duration(t.trim()).map_err(|e| {
+                de::Error::custom(format!(
+                    "{t:?} is not a duration ({e}); use e.g. \"15s\", \"500ms\", \"2m\" or whole seconds"
+                ))
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_urls_parse_into_folder_or_bucket_and_root() {
+        assert_eq!(parse_source_url("file://./data"), Ok(SourceUrl::Local("./data".into())));
+        assert_eq!(
+            parse_source_url("s3://my-bucket"),
+            Ok(SourceUrl::S3 {
+                bucket: "my-bucket".into(),
+                root: String::new()
+            })
+        );
+        assert_eq!(
+            parse_source_url("s3://my-bucket/a/b/"),
+            Ok(SourceUrl::S3 {
+                bucket: "my-bucket".into(),
+                root: "a/b/".into()
+            })
+        );
+        assert!(parse_source_url("s3://UPPER").is_err());
+        assert!(parse_source_url("http://x").is_err());
+        assert!(parse_source_url("file://").is_err());
+    }
+
+    #[test]
+    fn the_database_scheme_selects_the_dialect() {
+        assert_eq!(dialect_of("postgres://u:p@h/db"), Ok(Dialect::Postgres));
+        assert_eq!(dialect_of("postgresql://h/db"), Ok(Dialect::Postgres));
+        assert_eq!(dialect_of("mysql://root@h/db"), Ok(Dialect::MySql));
+        assert_eq!(dialect_of("sqlite://./x.db"), Ok(Dialect::Sqlite));
+        let err = dialect_of("oracle://scott:tiger@h/db").unwrap_err();
+        assert!(!err.contains("tiger"), "{err}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once_with_its_key() {
+        let mut c = Config::default();
+        c.schedule.max_files_per_tick = 0;
+        c.workers.concurrency = 0;
+        c.csv.delimiter = ",,".into();
+        c.http.listen = "nowhere".into();
+        let err = c.validated().unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.split(':').next().unwrap()).collect();
+        assert_eq!(
+            keys,
+            [
+                "schedule.max_files_per_tick",
+                "workers.concurrency",
+                "csv.delimiter",
+                "http.listen"
+            ]
+        );
+    }
+}

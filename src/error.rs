@@ -1,0 +1,151 @@
+//! Errors at the worker boundary. Every failure of a file is either *transient* (the file stays in
+//! `incoming/` and is retried on a later tick) or *permanent* (the file goes to `failed/` with a
+//! report). Leaf modules classify their own errors; nothing else decides.
+
+use serde::{Deserialize, Serialize};
+
+/// Why a file cannot be loaded, as written to `failed/K.error.json` and the ledger.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FileError {
+    pub kind: FileErrorKind,
+    pub message: String,
+    /// Line of the file (1-based, counting the header) where the problem is, when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub line: Option<u64>,
+    /// Data record (1-based, not counting the header) where the problem is, when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub record: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub column: Option<String>,
+    /// The database's own message, when the database refused the data.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database_message: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileErrorKind {
+    /// Not decodable: malformed CSV, bad compression, invalid UTF-8.
+    Decode,
+    /// A table or column name that is not a safe SQL identifier.
+    UnsafeName,
+    /// Columns that do not match the table, or no table to load into.
+    Schema,
+    /// A value that does not fit its column's type.
+    Type,
+    /// The database refused the data for another reason.
+    Database,
+    /// The object itself cannot be read (for example access denied).
+    Source,
+}
+
+impl FileError {
+    pub fn new(kind: FileErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+            line: None,
+            record: None,
+            column: None,
+            database_message: None,
+        }
+    }
+
+    pub fn at_line(mut self, line: Option<u64>) -> Self {
+        self.line = line;
+        self
+    }
+
+    pub fn at_record(mut self, record: Option<u64>) -> Self {
+        self.record = record;
+        self
+    }
+
+    pub fn in_column(mut self, column: impl Into<String>) -> Self {
+        self.column = Some(column.into());
+        self
+    }
+}
+
+impl std::fmt::Display for FileError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.message)?;
+        if let Some(line) = self.line {
+            write!(f, " (line {line})")?;
+        } else if let Some(record) = self.record {
+            write!(f, " (record {record})")?;
+        }
+        if let Some(column) = &self.column {
+            write!(f, " (column {column})")?;
+        }
+        Ok(())
+    }
+}
+
+/// The step of a file's journey where something failed; a log and metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    List,
+    Get,
+    Decode,
+    Database,
+    Move,
+    Report,
+}
+
+impl Stage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::List => "list",
+            Stage::Get => "get",
+            Stage::Decode => "decode",
+            Stage::Database => "database",
+            Stage::Move => "move",
+            Stage::Report => "report",
+        }
+    }
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A failure to process one file, classified.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// Worth retrying later: the store or database is unreachable, slow or busy.
+    #[error("{stage}: {message} (transient; will retry)")]
+    Transient { stage: Stage, message: String },
+    /// The file itself is at fault; retrying cannot help.
+    #[error("{0}")]
+    Permanent(FileError),
+}
+
+impl LoadError {
+    pub fn transient(stage: Stage, message: impl std::fmt::Display) -> Self {
+        LoadError::Transient {
+            stage,
+            message: message.to_string(),
+        }
+    }
+
+    pub fn stage(&self) -> Stage {
+        match self {
+            LoadError::Transient { stage, .. } => *stage,
+            LoadError::Permanent(e) => match e.kind {
+                FileErrorKind::Decode => Stage::Decode,
+                FileErrorKind::Source => Stage::Get,
+                _ => Stage::Database,
+            },
+        }
+    }
+}
+
+impl From<FileError> for LoadError {
+    fn from(e: FileError) -> Self {
+        LoadError::Permanent(e)
+    }
+}

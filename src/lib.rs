@@ -1,0 +1,33 @@
+//! `s3-sql-loader`: loads flat files that land in `incoming/` of an S3 bucket (or a local folder)
+//! into a SQL database exactly once, and moves each to `processed/` (or `failed/` with a report).
+//!
+//! The path of a file through the modules:
+//!
+//! - [`scheduler`] ticks every `schedule.interval`: [`source`] lists `incoming/`, [`status`]
+//!   records the backlog, and up to `schedule.max_files_per_tick` files go to worker tasks.
+//! - [`worker`] waits for a permit and the rate limiter, then asks [`sink`] to load the file:
+//!   the sink locks the file's ledger row, [`source`] streams the object, [`format`] decompresses
+//!   and decodes it on a blocking thread, and the rows and the ledger row commit in one
+//!   transaction ([`sink::postgres`], [`sink::sqlite`]).
+//! - After the commit, [`worker`] moves the object to `processed/`; a bad file gets its report
+//!   written to `failed/K.error.json` and is moved to `failed/`.
+//! - [`http`] serves health, readiness, status and metrics from [`status`]; [`shutdown`] turns
+//!   SIGTERM into a drain; [`app`] wires it all from a [`config::Config`].
+//!
+//! Errors are classified at the leaves ([`error::LoadError`]): transient ones leave the file in
+//! `incoming/` for a later tick, permanent ones send it to `failed/`.
+
+pub mod app;
+pub mod config;
+pub mod error;
+pub mod format;
+pub mod http;
+pub mod redact;
+pub mod scheduler;
+pub mod schema;
+pub mod shutdown;
+pub mod sink;
+pub mod source;
+pub mod status;
+pub mod telemetry;
+pub mod worker;

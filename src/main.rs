@@ -1,0 +1,181 @@
+//! The `s3-sql-loader` binary: parses the command line and hands over to the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use s3_sql_loader::app::App;
+use s3_sql_loader::config::Config;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Loads flat files from S3 (or a local folder) into a SQL database, exactly once.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// TOML configuration file (defaults, then this file, then LOADER_<SECTION>__<KEY> variables).
+    #[arg(long, global = true, env = "LOADER_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon (the default): list incoming/ every interval, load, move.
+    Run,
+    /// Run one tick, wait for its loads, exit (non-zero if a file failed or must be retried).
+    Once,
+    /// Validate the configuration and reach the store and the database.
+    Check,
+    /// Print the backlog and the latest failed files.
+    Status,
+    /// Move files from failed/ back to incoming/ so they are loaded again.
+    RetryFailed {
+        /// Only files whose key (relative to failed/) starts with this.
+        #[arg(long)]
+        prefix: Option<String>,
+    },
+    /// Exit 0 when the daemon's /healthz answers 200 (for container health checks).
+    Healthcheck {
+        /// Defaults to /healthz on the configured http.listen port, via 127.0.0.1.
+        #[arg(long)]
+        url: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> ExitCode {
+    let command = cli.command.unwrap_or(Command::Run);
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            if let Command::Healthcheck { url } = &command {
+                // A health check must still work when the environment is partly unset.
+                return healthcheck(url.clone().unwrap_or_else(|| "http://127.0.0.1:8080/healthz".into())).await;
+            }
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    s3_sql_loader::telemetry::init(&config.log);
+    let result = match command {
+        Command::Run => daemon(config).await.map(|()| ExitCode::SUCCESS),
+        Command::Once => once(config).await,
+        Command::Check => check(config).await,
+        Command::Status => status(config).await,
+        Command::RetryFailed { prefix } => retry_failed(config, prefix).await,
+        Command::Healthcheck { url } => {
+            let port = config.listen_addr().port();
+            return healthcheck(url.unwrap_or_else(|| format!("http://127.0.0.1:{port}/healthz"))).await;
+        }
+    };
+    result.unwrap_or_else(|e| {
+        tracing::error!(error.message = %format!("{e:#}"), "exiting on error");
+        eprintln!("error: {e:#}");
+        ExitCode::FAILURE
+    })
+}
+
+async fn daemon(config: Config) -> anyhow::Result<()> {
+    let stop = s3_sql_loader::shutdown::on_signal().context("installing signal handlers")?;
+    App::build(config, true).await?.run_until_stopped(stop).await
+}
+
+async fn once(config: Config) -> anyhow::Result<ExitCode> {
+    let summary = App::build(config, false).await?.run_once().await?;
+    println!(
+        "listed {} | loaded {} ({} rows) | already loaded {} | failed {} | to retry {} | held elsewhere {}",
+        summary.listed,
+        summary.loaded,
+        summary.rows,
+        summary.already_loaded,
+        summary.failed,
+        summary.retry,
+        summary.busy
+    );
+    Ok(if summary.failed > 0 || summary.retry > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+async fn check(config: Config) -> anyhow::Result<ExitCode> {
+    println!("configuration: ok");
+    let app = App::build(config, false).await?;
+    let mut ok = true;
+    for (what, result) in app.check().await {
+        match result {
+            Ok(()) => println!("{what}: ok"),
+            Err(e) => {
+                ok = false;
+                println!("{what}: FAILED: {e}");
+            }
+        }
+    }
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+async fn status(config: Config) -> anyhow::Result<ExitCode> {
+    let app = App::build(config, false).await?;
+    print!("{}", app.backlog_report().await?);
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn retry_failed(config: Config, prefix: Option<String>) -> anyhow::Result<ExitCode> {
+    let app = App::build(config, false).await?;
+    let moved = app.retry_failed(prefix.as_deref()).await?;
+    println!("moved {moved} file(s) from failed/ back to incoming/");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A bare HTTP/1.1 GET, so the container image needs no curl or wget.
+async fn healthcheck(url: String) -> ExitCode {
+    let result = tokio::time::timeout(Duration::from_secs(5), get_status(&url)).await;
+    match result {
+        Ok(Ok(200)) => ExitCode::SUCCESS,
+        Ok(Ok(code)) => {
+            eprintln!("unhealthy: {url} answered {code}");
+            ExitCode::FAILURE
+        }
+        Ok(Err(e)) => {
+            eprintln!("unhealthy: {url}: {e}");
+            ExitCode::FAILURE
+        }
+        Err(_) => {
+            eprintln!("unhealthy: {url}: no answer within 5s");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn get_status(url: &str) -> anyhow::Result<u16> {
+    let rest = url.strip_prefix("http://").context("only http:// URLs are supported")?;
+    let (authority, path) = rest
+        .split_once('/')
+        .map(|(a, p)| (a, format!("/{p}")))
+        .unwrap_or((rest, "/".into()));
+    let mut stream = tokio::net::TcpStream::connect(authority).await?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut head = vec![0u8; 64];
+    let n = stream.read(&mut head).await?;
+    let line = String::from_utf8_lossy(&head[..n]);
+    line.split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .context("not an HTTP response")
+}

@@ -1,0 +1,249 @@
+//! The tick: list `incoming/`, publish the backlog, pick up to `schedule.max_files_per_tick`
+//! files (oldest first) that are neither in flight nor backing off, and hand each to a worker
+//! task. A worker task first waits for one of `workers.concurrency` permits, then for the rate
+//! limiter, then loads; the scheduler never waits for loads, so a slow file does not delay the
+//! listing (and the backlog metric) of the next tick.
+
+use std::collections::{HashMap, HashSet};
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use rand::Rng;
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, error, info, info_span};
+
+use crate::config::Config;
+use crate::source::{INCOMING, ObjectMeta};
+use crate::status::TickReport;
+use crate::worker::{FileOutcome, Worker};
+
+/// Longest wait before retrying a file after transient errors.
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+
+pub struct Scheduler {
+    worker: Arc<Worker>,
+    interval: Duration,
+    max_files_per_tick: usize,
+    /// Why a semaphore: it bounds loads (and so busy database connections) per process while
+    /// letting the scheduler hand out work without waiting.
+    permits: Arc<Semaphore>,
+    /// Why governor: a direct limiter shared by all workers caps files started per second.
+    limiter: Arc<DefaultDirectRateLimiter>,
+    /// Keys handed to a worker and not finished: never handed out twice by this process.
+    in_flight: Arc<Mutex<HashSet<String>>>,
+    backoff: Arc<Mutex<HashMap<String, Backoff>>>,
+    ledger_ready: AtomicBool,
+    tracker: TaskTracker,
+    stop: CancellationToken,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Backoff {
+    failures: u32,
+    not_before: Instant,
+}
+
+impl Scheduler {
+    pub fn new(config: &Config, worker: Arc<Worker>, stop: CancellationToken) -> Scheduler {
+        let per_second = NonZeroU32::new(config.workers.files_per_second).unwrap_or(NonZeroU32::MIN);
+        Scheduler {
+            worker,
+            interval: config.schedule.interval,
+            max_files_per_tick: config.schedule.max_files_per_tick,
+            permits: Arc::new(Semaphore::new(config.workers.concurrency)),
+            limiter: Arc::new(RateLimiter::direct(Quota::per_second(per_second))),
+            in_flight: Arc::default(),
+            backoff: Arc::default(),
+            ledger_ready: AtomicBool::new(false),
+            tracker: TaskTracker::new(),
+            stop,
+        }
+    }
+
+    /// Ticks every `schedule.interval` until `stop`, then waits up to `grace` for loads in
+    /// flight. Returns the number of loads abandoned (they roll back).
+    pub async fn run(&self, grace: Duration) -> usize {
+        let mut interval = tokio::time::interval(self.interval);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.stop.cancelled() => break,
+                _ = interval.tick() => {}
+            }
+            self.worker.status.heartbeat();
+            tokio::select! {
+                _ = self.stop.cancelled() => break,
+                _ = self.tick() => {}
+            }
+            self.worker.status.heartbeat();
+        }
+        self.drain(grace).await
+    }
+
+    /// Waits up to `grace` for the tasks started so far; returns how many did not finish.
+    pub async fn drain(&self, grace: Duration) -> usize {
+        self.tracker.close();
+        let in_flight = self.in_flight.lock().map(|s| s.len()).unwrap_or(0);
+        if in_flight > 0 {
+            info!(
+                loads = in_flight,
+                grace_s = grace.as_secs_f64(),
+                "stopping: letting loads in flight finish"
+            );
+        }
+        match tokio::time::timeout(grace, self.tracker.wait()).await {
+            Ok(()) => 0,
+            Err(_) => {
+                let left = self.in_flight.lock().map(|s| s.len()).unwrap_or(0);
+                error!(
+                    loads = left,
+                    "grace period over: abandoning loads in flight; their transactions roll back"
+                );
+                left
+            }
+        }
+    }
+
+    /// One tick: list, record the backlog, dispatch. Returns the dispatched tasks.
+    pub async fn tick(&self) -> Vec<JoinHandle<FileOutcome>> {
+        let started_at = Utc::now();
+        let clock = Instant::now();
+        let span = info_span!("tick");
+        let (result, listed, handles) = self.tick_inner().instrument(span).await;
+        let report = TickReport {
+            started_at,
+            duration_ms: clock.elapsed().as_millis() as u64,
+            listed,
+            dispatched: handles.len() as u64,
+            result: match result {
+                Ok(()) => "ok".into(),
+                Err(e) => e,
+            },
+        };
+        self.worker.status.record_tick(report);
+        handles
+    }
+
+    async fn tick_inner(&self) -> (Result<(), String>, u64, Vec<JoinHandle<FileOutcome>>) {
+        let listing = match self.worker.source.list_incoming().await {
+            Ok((listing, calls)) => {
+                self.worker.status.record_listing(&listing, calls);
+                listing
+            }
+            Err(e) => {
+                error!(error.stage = "list", error.message = %e, "listing {INCOMING} failed");
+                return (Err(format!("listing failed: {e}")), 0, Vec::new());
+            }
+        };
+        let listed = listing.len() as u64;
+        if !self.ledger_ready.load(Ordering::Relaxed) {
+            if let Err(e) = self.worker.db.ensure_ledger().await {
+                error!(error.stage = "database", error.message = %e, "cannot reach the database");
+                return (Err(format!("database: {e}")), listed, Vec::new());
+            }
+            self.ledger_ready.store(true, Ordering::Relaxed);
+        }
+        let picked = self.pick(listing);
+        if !picked.is_empty() {
+            info!(listed, picked = picked.len(), "dispatching files");
+        }
+        let handles = picked.into_iter().map(|obj| self.dispatch(obj)).collect();
+        (Ok(()), listed, handles)
+    }
+
+    /// Oldest first; skips files in flight or backing off; at most `max_files_per_tick`.
+    fn pick(&self, mut listing: Vec<ObjectMeta>) -> Vec<ObjectMeta> {
+        let now = Instant::now();
+        let in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        let mut backoff = self.backoff.lock().unwrap_or_else(|p| p.into_inner());
+        let listed: HashSet<&str> = listing.iter().map(|o| o.key.as_str()).collect();
+        backoff.retain(|k, _| listed.contains(k.as_str()));
+        listing.retain(|o| !in_flight.contains(&o.key) && backoff.get(&o.key).is_none_or(|b| b.not_before <= now));
+        listing.sort_by(|a, b| a.last_modified.cmp(&b.last_modified).then_with(|| a.key.cmp(&b.key)));
+        listing.truncate(self.max_files_per_tick);
+        listing
+    }
+
+    fn dispatch(&self, obj: ObjectMeta) -> JoinHandle<FileOutcome> {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(obj.key.clone());
+        let worker = self.worker.clone();
+        let permits = self.permits.clone();
+        let limiter = self.limiter.clone();
+        let stop = self.stop.clone();
+        let in_flight = self.in_flight.clone();
+        let backoff = self.backoff.clone();
+        let base = self.interval;
+        let location = worker.source.location(INCOMING, &obj.key);
+        let span = info_span!("file", s3.key = %location, file.etag = %obj.etag);
+        self.tracker.spawn(
+            async move {
+                let outcome = async {
+                    // Files not started when a stop comes are simply left for next time.
+                    let _permit = tokio::select! {
+                        p = permits.acquire_owned() => p.expect("the semaphore is never closed"),
+                        _ = stop.cancelled() => return FileOutcome::NotStarted,
+                    };
+                    tokio::select! {
+                        _ = limiter.until_ready() => {}
+                        _ = stop.cancelled() => return FileOutcome::NotStarted,
+                    }
+                    worker.status.load_started();
+                    // Once started, a load runs to its end even if a stop comes meanwhile.
+                    let outcome = worker.process(&obj).await;
+                    worker.status.load_ended();
+                    outcome
+                }
+                .await;
+                let mut backoff = backoff.lock().unwrap_or_else(|p| p.into_inner());
+                if let FileOutcome::Retry { .. } = outcome {
+                    let b = backoff.entry(obj.key.clone()).or_insert(Backoff {
+                        failures: 0,
+                        not_before: Instant::now(),
+                    });
+                    b.failures += 1;
+                    b.not_before = Instant::now() + backoff_delay(base, b.failures);
+                } else {
+                    backoff.remove(&obj.key);
+                }
+                drop(backoff);
+                in_flight.lock().unwrap_or_else(|p| p.into_inner()).remove(&obj.key);
+                outcome
+            }
+            .instrument(span),
+        )
+    }
+}
+
+/// Exponential from one interval, capped, with ±50% jitter so replicas do not retry in step.
+fn backoff_delay(base: Duration, failures: u32) -> Duration {
+    let exp = base
+        .saturating_mul(1u32 << failures.saturating_sub(1).min(16))
+        .min(MAX_BACKOFF);
+    exp.mul_f64(rand::rng().random_range(0.5..1.5)).saturating_sub(base / 2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_stays_capped() {
+        let base = Duration::from_secs(1);
+        let first = backoff_delay(base, 1);
+        assert!(first <= Duration::from_secs(1), "{first:?}");
+        for _ in 0..100 {
+            assert!(backoff_delay(base, 30) <= MAX_BACKOFF.mul_f64(1.5));
+            assert!(backoff_delay(base, 6) >= Duration::from_secs(32) / 2 - base);
+        }
+    }
+}

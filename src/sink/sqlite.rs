@@ -1,0 +1,376 @@
+//! SQLite, the embedded default: multi-row prepared INSERTs inside one `BEGIN IMMEDIATE`
+//! transaction. SQLite has a single writer, so loads are serialized in-process by a mutex (other
+//! processes wait on SQLite's own lock, up to the busy timeout, then retry on a later tick).
+//! Values are checked against the column types here, since SQLite itself would store any value.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{AssertSqlSafe, Sqlite, Transaction};
+use tokio::sync::Mutex;
+
+use super::{
+    FileRef, LoadOutcome, SinkOptions, db_error, file_columns, outcome_of_state, plan_table, quote_ident, state,
+};
+use crate::config::Config;
+use crate::error::{FileError, FileErrorKind, LoadError, Stage};
+use crate::format::{Decoded, record_line, record_number};
+use crate::schema::{self, ColumnType};
+
+/// SQLite's limit on bound parameters per statement (since 3.32).
+const MAX_PARAMS: usize = 32766;
+/// Rows per INSERT statement at most.
+const MAX_ROWS_PER_INSERT: usize = 256;
+
+pub struct SqliteSink {
+    pool: SqlitePool,
+    options: SinkOptions,
+    /// Why: SQLite allows one writer at a time; queueing here is cheaper than busy retries.
+    write_lock: Mutex<()>,
+}
+
+impl SqliteSink {
+    pub fn connect_lazy(url: &str, config: &Config, options: SinkOptions) -> anyhow::Result<SqliteSink> {
+        let connect = SqliteConnectOptions::from_str(url)
+            .map_err(|e| anyhow::anyhow!("database.url: {e}"))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(30));
+        let path = connect.get_filename();
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| anyhow::anyhow!("database.url: cannot create {}: {e}", parent.display()))?;
+        }
+        let pool = SqlitePoolOptions::new()
+            .max_connections(config.max_connections())
+            .acquire_timeout(config.database.connect_timeout)
+            .connect_lazy_with(connect);
+        Ok(SqliteSink {
+            pool,
+            options,
+            write_lock: Mutex::new(()),
+        })
+    }
+
+    pub async fn ping(&self) -> Result<(), sqlx::Error> {
+        sqlx::query("SELECT 1").execute(&self.pool).await.map(|_| ())
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await
+    }
+
+    pub async fn ensure_ledger(&self) -> Result<(), sqlx::Error> {
+        let ledger = &self.options.ledger;
+        let _writer = self.write_lock.lock().await;
+        sqlx::query(AssertSqlSafe(format!(
+            "CREATE TABLE IF NOT EXISTS {ledger} (
+                file_id       TEXT PRIMARY KEY,
+                source        TEXT NOT NULL,
+                object_key    TEXT NOT NULL,
+                etag          TEXT NOT NULL,
+                state         TEXT NOT NULL,
+                target_table  TEXT,
+                row_count     INTEGER,
+                byte_count    INTEGER NOT NULL,
+                attempts      INTEGER NOT NULL DEFAULT 0,
+                error         TEXT,
+                claimed_by    TEXT,
+                first_seen_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP,
+                loaded_at     TEXT,
+                updated_at    TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP
+            )"
+        )))
+        .execute(&self.pool)
+        .await?;
+        let index = quote_ident(
+            &format!("{}_key_idx", ledger.trim_matches('"'))
+                .chars()
+                .take(63)
+                .collect::<String>(),
+        );
+        sqlx::query(AssertSqlSafe(format!(
+            "CREATE INDEX IF NOT EXISTS {index} ON {ledger} (source, object_key)"
+        )))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn reset_failed(&self, source: &str, key: &str) -> Result<u64, sqlx::Error> {
+        let _writer = self.write_lock.lock().await;
+        let sql = format!(
+            "UPDATE {} SET state = 'pending', error = NULL, updated_at = CURRENT_TIMESTAMP WHERE source = ? AND object_key = ? AND state = 'failed'",
+            self.options.ledger
+        );
+        Ok(sqlx::query(AssertSqlSafe(sql))
+            .bind(source)
+            .bind(key)
+            .execute(&self.pool)
+            .await?
+            .rows_affected())
+    }
+
+    pub async fn load<F, Fut>(
+        &self,
+        file: FileRef<'_>,
+        target: Result<String, FileError>,
+        open: F,
+    ) -> Result<LoadOutcome, LoadError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<Decoded, LoadError>>,
+    {
+        let ledger = &self.options.ledger;
+        let id = file.id();
+        let db = |e| db_error(e, Stage::Database);
+        let _writer = self.write_lock.lock().await;
+        // IMMEDIATE takes the write lock now, so the ledger check below cannot go stale.
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(db)?;
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT OR IGNORE INTO {ledger} (file_id, source, object_key, etag, state, byte_count)
+             VALUES (?, ?, ?, ?, 'pending', ?)"
+        )))
+        .bind(&id)
+        .bind(file.source)
+        .bind(file.key)
+        .bind(file.etag)
+        .bind(file.size as i64)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        let (current, rows, error): (String, Option<i64>, Option<String>) = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT state, row_count, error FROM {ledger} WHERE file_id = ?"
+        )))
+        .bind(&id)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db)?;
+        if let Some(done) = outcome_of_state(&current, rows, error) {
+            return Ok(done);
+        }
+        sqlx::query(AssertSqlSafe(format!(
+            "UPDATE {ledger} SET attempts = attempts + 1, claimed_by = ?, updated_at = CURRENT_TIMESTAMP WHERE file_id = ?"
+        )))
+        .bind(&self.options.owner)
+        .bind(&id)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+
+        sqlx::query("SAVEPOINT file_rows").execute(&mut *tx).await.map_err(db)?;
+        let table = target.as_ref().ok().cloned();
+        match self.insert_rows(&mut tx, target, open).await {
+            Ok(rows) => {
+                sqlx::query("RELEASE SAVEPOINT file_rows")
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db)?;
+                sqlx::query(AssertSqlSafe(format!(
+                    "UPDATE {ledger} SET state = '{}', row_count = ?, target_table = ?, error = NULL,
+                     loaded_at = CURRENT_TIMESTAMP, updated_at = CURRENT_TIMESTAMP WHERE file_id = ?",
+                    state::LOADED
+                )))
+                .bind(rows as i64)
+                .bind(table)
+                .bind(&id)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+                tx.commit().await.map_err(db)?;
+                Ok(LoadOutcome::Loaded { rows })
+            }
+            Err(LoadError::Permanent(error)) => {
+                sqlx::query("ROLLBACK TO SAVEPOINT file_rows")
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db)?;
+                sqlx::query(AssertSqlSafe(format!(
+                    "UPDATE {ledger} SET state = '{}', error = ?, target_table = ?, updated_at = CURRENT_TIMESTAMP WHERE file_id = ?",
+                    state::FAILED
+                )))
+                .bind(serde_json::to_string(&error).unwrap_or_default())
+                .bind(table)
+                .bind(&id)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+                tx.commit().await.map_err(db)?;
+                Ok(LoadOutcome::Failed(error))
+            }
+            Err(transient) => Err(transient),
+        }
+    }
+
+    async fn insert_rows<F, Fut>(
+        &self,
+        tx: &mut Transaction<'static, Sqlite>,
+        target: Result<String, FileError>,
+        open: F,
+    ) -> Result<u64, LoadError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<Decoded, LoadError>>,
+    {
+        let db = |e| db_error(e, Stage::Database);
+        let table = target?;
+        let mut decoded = open().await?;
+        if decoded.header.is_empty() {
+            return Ok(0);
+        }
+        let columns = file_columns(&decoded.header)?;
+        let first = decoded.next_batch().await?;
+        let existing: Vec<(String, String)> = sqlx::query_as("SELECT name, type FROM pragma_table_info(?)")
+            .bind(&table)
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(db)?;
+        let existing = (!existing.is_empty()).then(|| {
+            existing
+                .into_iter()
+                .map(|(n, t)| (n.to_ascii_lowercase(), affinity(&t)))
+                .collect()
+        });
+        let plan = plan_table(
+            &table,
+            &columns,
+            existing,
+            self.options.create_tables,
+            first.as_ref(),
+            &self.options.null,
+        )?;
+        if let Some(types) = &plan.create {
+            let definition = columns
+                .iter()
+                .zip(types)
+                .map(|(c, t)| format!("{} {}", quote_ident(c), sql_type(*t)))
+                .collect::<Vec<_>>()
+                .join(", ");
+            sqlx::query(AssertSqlSafe(format!(
+                "CREATE TABLE IF NOT EXISTS {} ({definition})",
+                quote_ident(&table)
+            )))
+            .execute(&mut **tx)
+            .await
+            .map_err(db)?;
+            tracing::info!(db.table = %table, "created table");
+        }
+        let rows_per_insert = (MAX_PARAMS / columns.len()).clamp(1, MAX_ROWS_PER_INSERT);
+        let insert = |rows: usize| {
+            let placeholders = format!("({})", vec!["?"; columns.len()].join(", "));
+            format!(
+                "INSERT INTO {} ({}) VALUES {}",
+                quote_ident(&table),
+                columns.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", "),
+                vec![placeholders; rows].join(", ")
+            )
+        };
+        let full_insert = insert(rows_per_insert);
+        let mut total = 0u64;
+        let mut batch = first;
+        while let Some(b) = batch {
+            for chunk in b.records.chunks(rows_per_insert) {
+                let sql = if chunk.len() == rows_per_insert {
+                    full_insert.clone()
+                } else {
+                    insert(chunk.len())
+                };
+                let mut query = sqlx::query(AssertSqlSafe(sql));
+                for record in chunk {
+                    for ((value, ty), column) in record.iter().zip(&plan.types).zip(&columns) {
+                        query = bind_value(query, value, *ty, &self.options.null).map_err(|message| {
+                            FileError::new(FileErrorKind::Type, message)
+                                .at_line(record_line(record))
+                                .at_record(record_number(record))
+                                .in_column(column.clone())
+                        })?;
+                    }
+                }
+                query.execute(&mut **tx).await.map_err(db)?;
+                total += chunk.len() as u64;
+            }
+            batch = decoded.next_batch().await?;
+        }
+        Ok(total)
+    }
+}
+
+type SqliteQuery<'q> = sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments>;
+
+/// Binds one value as its column's type, or says why it does not fit.
+fn bind_value<'q>(
+    query: SqliteQuery<'q>,
+    value: &'q str,
+    ty: ColumnType,
+    null: &str,
+) -> Result<SqliteQuery<'q>, String> {
+    if value == null {
+        return Ok(query.bind(None::<&str>));
+    }
+    let mismatch = || format!("{value:?} is not a valid {}", type_name(ty));
+    Ok(match ty {
+        ColumnType::Integer => query.bind(value.parse::<i64>().map_err(|_| mismatch())?),
+        ColumnType::Float => query.bind(schema::parse_float(value).ok_or_else(mismatch)?),
+        ColumnType::Boolean => query.bind(
+            match value {
+                "1" => Some(true),
+                "0" => Some(false),
+                v => schema::parse_bool(v),
+            }
+            .ok_or_else(mismatch)?,
+        ),
+        ColumnType::Date | ColumnType::Timestamp | ColumnType::TimestampTz => {
+            if !ty.accepts(value) {
+                return Err(mismatch());
+            }
+            query.bind(value)
+        }
+        ColumnType::Text => query.bind(value),
+    })
+}
+
+fn type_name(t: ColumnType) -> &'static str {
+    match t {
+        ColumnType::Integer => "integer",
+        ColumnType::Float => "number",
+        ColumnType::Boolean => "boolean (true/false)",
+        ColumnType::Date => "date (YYYY-MM-DD)",
+        ColumnType::Timestamp => "timestamp (YYYY-MM-DD HH:MM:SS)",
+        ColumnType::TimestampTz => "timestamp with offset (RFC 3339)",
+        ColumnType::Text => "text",
+    }
+}
+
+fn sql_type(t: ColumnType) -> &'static str {
+    match t {
+        ColumnType::Integer => "INTEGER",
+        ColumnType::Float => "REAL",
+        ColumnType::Boolean => "BOOLEAN",
+        ColumnType::Date => "DATE",
+        ColumnType::Timestamp => "TIMESTAMP",
+        ColumnType::TimestampTz => "TIMESTAMPTZ",
+        ColumnType::Text => "TEXT",
+    }
+}
+
+/// The loader's type for a declared SQLite column type (SQLite's affinity rules, refined).
+fn affinity(declared: &str) -> ColumnType {
+    let d = declared.to_ascii_uppercase();
+    if d.contains("INT") {
+        ColumnType::Integer
+    } else if d.contains("REAL") || d.contains("FLOA") || d.contains("DOUB") {
+        ColumnType::Float
+    } else if d.contains("BOOL") {
+        ColumnType::Boolean
+    } else if d == "TIMESTAMPTZ" {
+        ColumnType::TimestampTz
+    } else if d.contains("TIMESTAMP") || d.contains("DATETIME") {
+        ColumnType::Timestamp
+    } else if d == "DATE" {
+        ColumnType::Date
+    } else {
+        ColumnType::Text
+    }
+}

@@ -1,0 +1,239 @@
+//! An S3 bucket (or any S3-compatible store) as the store. Listing is paginated; an object is
+//! streamed with `If-Match` on the listed ETag, so what is loaded is exactly the version that was
+//! listed; a move is CopyObject guarded by that ETag, then DeleteObject guarded by it too, so a
+//! version a producer wrote meanwhile is never moved or deleted unloaded.
+
+use std::time::Duration;
+
+use aws_sdk_s3::Client;
+use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use chrono::{DateTime, Utc};
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use tokio::io::AsyncRead;
+
+use super::{INCOMING, MoveOutcome, ObjectMeta, SourceError};
+use crate::config::SourceConfig;
+
+/// Characters left as they are in a CopyObject copy source: RFC 3986 unreserved, and `/`.
+const COPY_SOURCE: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~')
+    .remove(b'/');
+
+pub struct S3Source {
+    client: Client,
+    bucket: String,
+    /// Prefix under the bucket, empty or ending in `/`.
+    root: String,
+    id: String,
+}
+
+impl S3Source {
+    pub async fn connect(config: &SourceConfig, bucket: String, root: String) -> S3Source {
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+        if let Some(region) = &config.region {
+            loader = loader.region(aws_config::Region::new(region.clone()));
+        }
+        let timeouts = aws_config::timeout::TimeoutConfig::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .read_timeout(Duration::from_secs(60))
+            .build();
+        let sdk = loader.timeout_config(timeouts).load().await;
+        let mut s3 = aws_sdk_s3::config::Builder::from(&sdk).force_path_style(config.force_path_style);
+        if let Some(endpoint) = &config.endpoint {
+            s3 = s3.endpoint_url(endpoint);
+        }
+        let id = format!("s3://{bucket}/{root}");
+        S3Source {
+            client: Client::from_conf(s3.build()),
+            bucket,
+            root,
+            id,
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub async fn list(&self, prefix: &str) -> Result<(Vec<ObjectMeta>, u64), SourceError> {
+        let full_prefix = format!("{}{prefix}", self.root);
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(&full_prefix)
+            .into_paginator()
+            .send();
+        let mut found = Vec::new();
+        let mut calls = 0;
+        while let Some(page) = pages.next().await {
+            calls += 1;
+            let page = page.map_err(|e| classify(e, &format!("listing s3://{}/{full_prefix}", self.bucket)))?;
+            for object in page.contents() {
+                let Some(full_key) = object.key() else { continue };
+                let Some(key) = full_key.strip_prefix(&full_prefix) else {
+                    continue;
+                };
+                if key.is_empty() || key.ends_with('/') {
+                    continue; // a "folder" marker
+                }
+                let etag = match object.e_tag() {
+                    Some(etag) => etag.to_string(),
+                    // Some S3-compatible stores omit ETags in listings: ask for it.
+                    None => match self.head_etag(full_key).await? {
+                        Some(etag) => etag,
+                        None => continue,
+                    },
+                };
+                let last_modified = object
+                    .last_modified()
+                    .and_then(|t| DateTime::<Utc>::from_timestamp(t.secs(), t.subsec_nanos()))
+                    .unwrap_or_else(Utc::now);
+                found.push(ObjectMeta {
+                    key: key.to_string(),
+                    etag,
+                    size: object.size().unwrap_or(0).max(0) as u64,
+                    last_modified,
+                });
+            }
+        }
+        Ok((found, calls))
+    }
+
+    async fn head_etag(&self, full_key: &str) -> Result<Option<String>, SourceError> {
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(full_key)
+            .send()
+            .await
+        {
+            Ok(head) => Ok(head.e_tag().map(str::to_string)),
+            Err(e) => match classify(e, full_key) {
+                SourceError::Gone(_) => Ok(None),
+                other => Err(other),
+            },
+        }
+    }
+
+    pub async fn open(&self, obj: &ObjectMeta) -> Result<Box<dyn AsyncRead + Send + Unpin>, SourceError> {
+        let key = format!("{}{INCOMING}{}", self.root, obj.key);
+        let response = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(&key)
+            .if_match(&obj.etag)
+            .send()
+            .await
+            .map_err(|e| classify(e, &format!("getting s3://{}/{key}", self.bucket)))?;
+        Ok(Box::new(response.body.into_async_read()))
+    }
+
+    pub async fn rename(&self, from: &str, to: &str, obj: &ObjectMeta) -> Result<MoveOutcome, SourceError> {
+        let src = format!("{}{from}{}", self.root, obj.key);
+        let dest = format!("{}{to}{}", self.root, obj.key);
+        // The SDK does not encode the copy source: it must be `bucket/` + the encoded key.
+        let copy_source = format!("{}/{}", self.bucket, utf8_percent_encode(&src, COPY_SOURCE));
+        let copied = self
+            .client
+            .copy_object()
+            .bucket(&self.bucket)
+            .key(&dest)
+            .copy_source(copy_source)
+            .copy_source_if_match(&obj.etag)
+            .send()
+            .await;
+        if let Err(e) = copied {
+            return match classify(e, &format!("copying s3://{}/{src} to {dest}", self.bucket)) {
+                SourceError::Gone(_) => Ok(MoveOutcome::SourceGone),
+                other => Err(other),
+            };
+        }
+        let deleted = self
+            .client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(&src)
+            .if_match(&obj.etag)
+            .send()
+            .await;
+        match deleted {
+            Ok(_) => Ok(MoveOutcome::Moved),
+            Err(e) => match classify(e, &format!("deleting s3://{}/{src}", self.bucket)) {
+                // Overwritten by a producer after the copy: the new version stays for its own load.
+                SourceError::Gone(m) => {
+                    tracing::info!(s3.key = %src, reason = %m, "left a newer version in place after moving the loaded one");
+                    Ok(MoveOutcome::Moved)
+                }
+                other => Err(other),
+            },
+        }
+    }
+
+    pub async fn put(&self, path: &str, body: Vec<u8>) -> Result<(), SourceError> {
+        let key = format!("{}{path}", self.root);
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(&key)
+            .content_type("application/json")
+            .body(ByteStream::from(body))
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| classify(e, &format!("writing s3://{}/{key}", self.bucket)))
+    }
+
+    pub async fn delete(&self, path: &str) -> Result<(), SourceError> {
+        let key = format!("{}{path}", self.root);
+        match self.client.delete_object().bucket(&self.bucket).key(&key).send().await {
+            Ok(_) => Ok(()),
+            Err(e) => match classify(e, &format!("deleting s3://{}/{key}", self.bucket)) {
+                SourceError::Gone(_) => Ok(()),
+                other => Err(other),
+            },
+        }
+    }
+
+    pub async fn check(&self) -> Result<(), SourceError> {
+        self.client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(format!("{}{INCOMING}", self.root))
+            .max_keys(1)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| classify(e, &format!("listing s3://{}/{}{INCOMING}", self.bucket, self.root)))
+    }
+}
+
+/// Sorts an SDK error into retry, the file's fault, or gone.
+fn classify<E>(e: SdkError<E, HttpResponse>, what: &str) -> SourceError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    let status = match &e {
+        SdkError::ServiceError(se) => Some(se.raw().status().as_u16()),
+        SdkError::ResponseError(re) => Some(re.raw().status().as_u16()),
+        _ => None,
+    };
+    let code = e
+        .as_service_error()
+        .and_then(|se| se.code())
+        .unwrap_or_default()
+        .to_string();
+    let message = format!("{what}: {}", DisplayErrorContext(&e));
+    match (status, code.as_str()) {
+        (Some(404), _) | (_, "NoSuchKey") | (Some(412), _) | (_, "PreconditionFailed") => SourceError::Gone(message),
+        (Some(403), _) | (_, "AccessDenied") => SourceError::Denied(message),
+        _ => SourceError::Transient(message),
+    }
+}

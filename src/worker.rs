@@ -1,0 +1,202 @@
+//! One file's journey, once the scheduler handed it over: load it exactly once (see
+//! [`crate::sink`]), then move it to `processed/`, or write its report and move it to `failed/`.
+//! The move always comes after the commit: a crash in between leaves a committed file in
+//! `incoming/`, which the next attempt finds in the ledger and only moves.
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use serde::Serialize;
+use tracing::{info, warn};
+
+use crate::error::{FileError, FileErrorKind, LoadError, Stage};
+use crate::format::{CsvOptions, decode_csv};
+use crate::schema;
+use crate::sink::{Database, FileRef, LoadOutcome};
+use crate::source::{Area, FAILED, INCOMING, MoveOutcome, ObjectMeta, Source};
+use crate::status::Status;
+
+/// How one file ended, this time.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FileOutcome {
+    /// Committed now and moved to `processed/`.
+    Loaded { rows: u64 },
+    /// Committed earlier; moved now.
+    AlreadyLoaded,
+    /// Moved to `failed/` with a report.
+    Failed(FileError),
+    /// Another worker or replica holds it.
+    Busy,
+    /// A transient error; it stays in `incoming/` for a later tick.
+    Retry { stage: Stage, message: String },
+    /// Not started because the loader is stopping.
+    NotStarted,
+}
+
+/// Everything a worker needs; shared by all of them.
+pub struct Worker {
+    pub source: Arc<Source>,
+    pub db: Arc<Database>,
+    pub status: Arc<Status>,
+    pub csv: CsvOptions,
+    pub ledger_table: String,
+}
+
+/// The report written beside a failed file as `failed/K.error.json`.
+#[derive(Debug, Serialize)]
+pub struct FailureReportFile<'a> {
+    pub source: &'a str,
+    pub key: String,
+    pub etag: &'a str,
+    pub size: u64,
+    pub failed_at: chrono::DateTime<Utc>,
+    pub error: &'a FileError,
+    pub loader_version: &'static str,
+}
+
+impl Worker {
+    /// Loads and moves one file. Logs its own outcome once.
+    pub async fn process(&self, obj: &ObjectMeta) -> FileOutcome {
+        let started = std::time::Instant::now();
+        let outcome = match self.load_and_move(obj).await {
+            Ok(outcome) => outcome,
+            Err(LoadError::Transient { stage, message }) => FileOutcome::Retry { stage, message },
+            // Only reachable if recording the failure itself was refused: try again later.
+            Err(LoadError::Permanent(e)) => FileOutcome::Retry {
+                stage: Stage::Database,
+                message: e.to_string(),
+            },
+        };
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        match &outcome {
+            FileOutcome::Loaded { rows } => {
+                self.status.file_loaded(&obj.key, *rows, obj.size, true);
+                info!(file.rows = rows, file.bytes = obj.size, elapsed_ms, "loaded");
+            }
+            FileOutcome::AlreadyLoaded => {
+                self.status.file_loaded(&obj.key, 0, obj.size, false);
+                info!(elapsed_ms, "already loaded earlier; moved");
+            }
+            FileOutcome::Failed(e) => {
+                self.status.file_failed(&obj.key, e);
+                warn!(error.kind = ?e.kind, error.message = %e, "failed; moved to failed/");
+            }
+            FileOutcome::Busy => info!("held by another loader; skipped"),
+            FileOutcome::Retry { stage, message } => {
+                self.status.transient_error();
+                warn!(error.stage = %stage, error.message = %message, "transient error; will retry");
+            }
+            FileOutcome::NotStarted => {}
+        }
+        outcome
+    }
+
+    async fn load_and_move(&self, obj: &ObjectMeta) -> Result<FileOutcome, LoadError> {
+        let file = FileRef {
+            source: self.source.id(),
+            key: &obj.key,
+            etag: &obj.etag,
+            size: obj.size,
+        };
+        let target = table_for_key(&obj.key, &self.ledger_table);
+        let open = || async {
+            let reader = self.source.open(obj).await.map_err(|e| e.into_load_error(Stage::Get))?;
+            decode_csv(reader, &obj.key, self.csv.clone())
+                .await
+                .map_err(LoadError::from)
+        };
+        match self.db.load(file, target, open).await? {
+            LoadOutcome::Loaded { rows } => {
+                self.move_to(obj, Area::Processed).await?;
+                Ok(FileOutcome::Loaded { rows })
+            }
+            LoadOutcome::AlreadyLoaded { .. } => {
+                self.move_to(obj, Area::Processed).await?;
+                Ok(FileOutcome::AlreadyLoaded)
+            }
+            LoadOutcome::Failed(error) | LoadOutcome::AlreadyFailed(error) => {
+                self.write_report(obj, &error).await?;
+                self.move_to(obj, Area::Failed).await?;
+                Ok(FileOutcome::Failed(error))
+            }
+            LoadOutcome::Busy => Ok(FileOutcome::Busy),
+        }
+    }
+
+    async fn move_to(&self, obj: &ObjectMeta, area: Area) -> Result<(), LoadError> {
+        match self
+            .source
+            .move_to(obj, area)
+            .await
+            .map_err(|e| e.into_load_error(Stage::Move))?
+        {
+            MoveOutcome::Moved => Ok(()),
+            MoveOutcome::SourceGone => {
+                info!("the listed version was already gone from incoming/ (moved by another loader or replaced)");
+                Ok(())
+            }
+        }
+    }
+
+    /// Written before the move, so a file in `failed/` always has its report beside it.
+    async fn write_report(&self, obj: &ObjectMeta, error: &FileError) -> Result<(), LoadError> {
+        let report = FailureReportFile {
+            source: self.source.id(),
+            key: format!("{INCOMING}{}", obj.key),
+            etag: &obj.etag,
+            size: obj.size,
+            failed_at: Utc::now(),
+            error,
+            loader_version: env!("CARGO_PKG_VERSION"),
+        };
+        let body = serde_json::to_vec_pretty(&report).unwrap_or_default();
+        self.source
+            .put(&format!("{FAILED}{}.error.json", obj.key), body)
+            .await
+            .map_err(|e| e.into_load_error(Stage::Report))
+    }
+}
+
+/// The target table for a relative key: its first folder (`orders/2026/a.csv` → `orders`), or
+/// for a file directly in `incoming/` its name up to the first dot (`orders.csv.gz` → `orders`).
+pub fn table_for_key(key: &str, ledger_table: &str) -> Result<String, FileError> {
+    let raw = match key.split_once('/') {
+        Some((folder, _)) => folder,
+        None => key.split('.').next().unwrap_or(key),
+    };
+    if !schema::is_safe_identifier(raw) {
+        return Err(FileError::new(
+            FileErrorKind::UnsafeName,
+            format!(
+                "table name {raw:?} taken from the key is not a safe SQL identifier (letters, digits and _, not starting with a digit, at most 63 characters)"
+            ),
+        ));
+    }
+    let table = schema::normalize(raw);
+    if table == schema::normalize(ledger_table) {
+        return Err(FileError::new(
+            FileErrorKind::UnsafeName,
+            format!("table name {table:?} is the loader's own ledger table"),
+        ));
+    }
+    Ok(table)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_comes_from_the_first_folder_or_the_file_name() {
+        let t = |k| table_for_key(k, "s3_sql_loader_files");
+        assert_eq!(t("orders/2026/11/a.csv").unwrap(), "orders");
+        assert_eq!(t("Orders/a.csv").unwrap(), "orders");
+        assert_eq!(t("customers.2026-11-01.csv.gz").unwrap(), "customers");
+        assert_eq!(t("bad name/a.csv").unwrap_err().kind, FileErrorKind::UnsafeName);
+        assert_eq!(t("x;drop/a.csv").unwrap_err().kind, FileErrorKind::UnsafeName);
+        assert_eq!(
+            t("s3_sql_loader_files/a.csv").unwrap_err().kind,
+            FileErrorKind::UnsafeName
+        );
+    }
+}
