@@ -1,0 +1,120 @@
+//! The command line and configuration, through the real binary.
+
+mod common;
+
+use common::*;
+
+#[test]
+fn environment_variables_override_the_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("loader.toml"),
+        "[source]\nurl = \"file://./from-file\"\n[database]\nurl = \"sqlite://./from-file.db\"\n",
+    )
+    .unwrap();
+    let (status, stdout, stderr) = run(d, &["--config", "loader.toml", "check"], &[]);
+    assert!(status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("from-file: ok"), "{stdout}");
+
+    let env = kv(&[("LOADER_SOURCE__URL", "file://./from-env")]);
+    let (status, stdout, stderr) = run(d, &["--config", "loader.toml", "check"], &env);
+    assert!(status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("from-env: ok") && !stdout.contains("from-file: ok"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("database sqlite://./from-file.db: ok"), "{stdout}");
+    assert!(d.join("from-env/incoming").is_dir());
+
+    // LOADER_CONFIG names the file too.
+    let env = kv(&[("LOADER_CONFIG", "loader.toml")]);
+    let (status, stdout, _) = run(d, &["check"], &env);
+    assert!(status.success() && stdout.contains("from-file: ok"), "{stdout}");
+}
+
+#[test]
+fn an_unknown_key_stops_start_up_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("loader.toml"), "[schedule]\nintervall = \"5s\"\n").unwrap();
+    let (status, _, stderr) = run(d, &["--config", "loader.toml", "check"], &[]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("schedule.intervall: unknown key"), "{stderr}");
+    assert!(stderr.contains("interval"), "the accepted keys are listed: {stderr}");
+
+    let (status, _, stderr) = run(d, &["check"], &kv(&[("LOADER_WORKERS__THREADS", "4")]));
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("workers.threads: unknown key"), "{stderr}");
+}
+
+#[test]
+fn a_bad_value_stops_start_up_naming_the_key_and_what_is_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (status, _, stderr) = run(d, &["check"], &kv(&[("LOADER_SCHEDULE__INTERVAL", "soon")]));
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("schedule.interval"), "{stderr}");
+    assert!(stderr.contains("\"15s\""), "the accepted form is shown: {stderr}");
+
+    std::fs::write(
+        d.join("bad.toml"),
+        "[workers]\nconcurrency = 0\n[http]\nlisten = \"everywhere\"\n",
+    )
+    .unwrap();
+    let (status, _, stderr) = run(d, &["--config", "bad.toml", "check"], &[]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("workers.concurrency: must be between 1 and 256"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("http.listen: expected ADDRESS:PORT"),
+        "both problems at once: {stderr}"
+    );
+}
+
+#[test]
+fn the_database_password_never_appears_in_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (status, _, stderr) = run(
+        d,
+        &["check"],
+        &kv(&[("LOADER_DATABASE__URL", "oracle://scott:tiger-secret@db/x")]),
+    );
+    assert_eq!(status.code(), Some(2));
+    assert!(
+        stderr.contains("database.url") && !stderr.contains("tiger-secret"),
+        "{stderr}"
+    );
+
+    // Unreachable PostgreSQL with a password: `check` fails and says so, without the password.
+    let port = free_port();
+    let url = format!("postgres://app:tiger-secret@127.0.0.1:{port}/db");
+    let env = kv(&[
+        ("LOADER_DATABASE__URL", &url),
+        ("LOADER_DATABASE__CONNECT_TIMEOUT", "2s"),
+    ]);
+    let (status, stdout, stderr) = run(d, &["check"], &env);
+    assert_eq!(status.code(), Some(1), "{stdout}{stderr}");
+    assert!(stdout.contains("database postgres://app:***@127.0.0.1"), "{stdout}");
+    assert!(stdout.contains("FAILED"), "{stdout}");
+    assert!(
+        !stdout.contains("tiger-secret") && !stderr.contains("tiger-secret"),
+        "{stdout}{stderr}"
+    );
+}
+
+#[test]
+fn healthcheck_fails_when_nothing_listens() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let (status, _, stderr) = run(
+        dir.path(),
+        &["healthcheck", "--url", &format!("http://127.0.0.1:{port}/healthz")],
+        &[],
+    );
+    assert_eq!(status.code(), Some(1));
+    assert!(stderr.contains("unhealthy"), "{stderr}");
+}

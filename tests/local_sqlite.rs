@@ -1,0 +1,210 @@
+//! The embedded default, end to end with the real binary: a local folder into SQLite.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use sqlx::sqlite::SqlitePool;
+
+async fn sqlite(dir: &std::path::Path) -> SqlitePool {
+    SqlitePool::connect(&format!("sqlite://{}/data/loader.db", dir.display()))
+        .await
+        .unwrap()
+}
+
+async fn count(pool: &SqlitePool, sql: &'static str) -> i64 {
+    sqlx::query_scalar::<_, i64>(sql).fetch_one(pool).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_embedded_default_loads_nested_files_once_and_moves_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_old(
+        &d.join("data/incoming/orders/2026/11/a.csv"),
+        orders_csv(1, 50).as_bytes(),
+    );
+    write_old(
+        &d.join("data/incoming/orders/2026/12/b.csv"),
+        orders_csv(51, 30).as_bytes(),
+    );
+    write_old(
+        &d.join("data/incoming/customers/c.csv"),
+        b"id,name\r\n1,\"Ann \"\"A\"\" Smith\"\r\n2,Bob\r\n",
+    );
+
+    // Nothing but a port (tests run in parallel) and a slow start rate, to watch the backlog fall.
+    let mut loader = Loader::spawn(d, &kv(&[("LOADER_WORKERS__FILES_PER_SECOND", "2")]));
+    loader.wait_up().await;
+    let max_backlog = std::sync::atomic::AtomicU64::new(0);
+    wait_until(Duration::from_secs(30), "backlog 0 and 3 files loaded", || async {
+        let s = loader.status().await;
+        if s["backlog"]["listed_at"].is_null() {
+            return false;
+        }
+        max_backlog.fetch_max(
+            s["backlog"]["files"].as_u64().unwrap(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        s["backlog"]["files"] == 0 && s["totals"]["files_loaded"] == 3
+    })
+    .await;
+    let max_backlog = max_backlog.into_inner();
+    assert!(max_backlog > 0, "the backlog was never seen above 0");
+    let status = loader.status().await;
+    assert_eq!(status["totals"]["rows_loaded"], 82);
+    assert_eq!(status["totals"]["files_failed"], 0);
+
+    assert_eq!(files_under(&d.join("data/incoming")), Vec::<String>::new());
+    assert_eq!(
+        files_under(&d.join("data/processed")),
+        ["customers/c.csv", "orders/2026/11/a.csv", "orders/2026/12/b.csv"]
+    );
+    let db = sqlite(d).await;
+    assert_eq!(count(&db, "SELECT count(*) FROM orders").await, 80);
+    assert_eq!(count(&db, "SELECT count(DISTINCT id) FROM orders").await, 80);
+    assert_eq!(count(&db, "SELECT sum(id) FROM orders").await, (1..=80).sum::<i64>());
+    let name: String = sqlx::query_scalar("SELECT name FROM customers WHERE id = 1")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert_eq!(name, "Ann \"A\" Smith");
+    let paid: i64 = sqlx::query_scalar("SELECT paid FROM orders WHERE id = 2")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert_eq!(paid, 1, "booleans are stored as 1/0 in SQLite");
+
+    loader.signal(libc::SIGTERM);
+    let exit = loader.wait_exit(Duration::from_secs(10)).expect("exits after SIGTERM");
+    assert!(exit.success(), "{exit:?}\n{}", loader.log());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_malformed_file_goes_to_failed_with_a_report_and_leaves_no_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_old(&d.join("data/incoming/orders/first.csv"), orders_csv(1, 10).as_bytes());
+    let (status, stdout, stderr) = run(d, &["once"], &[]);
+    assert!(status.success(), "{stdout}{stderr}");
+
+    // A type error in the middle of a file, a ragged row, and good files around them.
+    let mut typed = orders_csv(100, 5);
+    typed.push_str("105,\"x\",not-a-number,true,2026-11-01\n");
+    typed.push_str(orders_csv(106, 5).split_once('\n').unwrap().1);
+    write_old(&d.join("data/incoming/orders/typed.csv"), typed.as_bytes());
+    write_old(
+        &d.join("data/incoming/orders/ragged.csv"),
+        b"id,customer,amount,paid,created_on\n200,a,1,true,2026-11-01\n201,b\n",
+    );
+    write_old(&d.join("data/incoming/orders/good.csv"), orders_csv(300, 7).as_bytes());
+    let (status, stdout, stderr) = run(d, &["once"], &[]);
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "a failed file makes `once` exit non-zero\n{stdout}{stderr}"
+    );
+    assert!(
+        stdout.contains("loaded 1 (7 rows)") && stdout.contains("failed 2"),
+        "{stdout}"
+    );
+
+    assert_eq!(
+        files_under(&d.join("data/failed")),
+        [
+            "orders/ragged.csv",
+            "orders/ragged.csv.error.json",
+            "orders/typed.csv",
+            "orders/typed.csv.error.json"
+        ]
+    );
+    assert_eq!(
+        files_under(&d.join("data/processed")),
+        ["orders/first.csv", "orders/good.csv"]
+    );
+    assert_eq!(files_under(&d.join("data/incoming")), Vec::<String>::new());
+
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.join("data/failed/orders/typed.csv.error.json")).unwrap()).unwrap();
+    assert_eq!(report["key"], "incoming/orders/typed.csv");
+    assert_eq!(report["error"]["kind"], "type");
+    assert_eq!(report["error"]["column"], "amount");
+    assert_eq!(report["error"]["line"], 7);
+    assert_eq!(report["error"]["record"], 6);
+    assert!(
+        report["error"]["message"].as_str().unwrap().contains("not-a-number"),
+        "{report}"
+    );
+    assert!(report["etag"].is_string() && report["failed_at"].is_string());
+
+    let ragged: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.join("data/failed/orders/ragged.csv.error.json")).unwrap()).unwrap();
+    assert_eq!(ragged["error"]["kind"], "decode");
+    assert_eq!(ragged["error"]["line"], 3);
+
+    let db = sqlite(d).await;
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM orders WHERE id >= 100 AND id < 300").await,
+        0,
+        "no row of a failed file stays"
+    );
+    assert_eq!(count(&db, "SELECT count(*) FROM orders").await, 17);
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM s3_sql_loader_files WHERE state = 'failed'").await,
+        2
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_committed_but_not_moved_is_moved_later_without_duplicating_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_old(&d.join("data/incoming/orders/a.csv"), orders_csv(1, 25).as_bytes());
+    // A plain file where the move needs a folder: the commit succeeds, the move fails, exactly
+    // as if the process had died between the two.
+    write_old(&d.join("data/processed/orders"), b"blocker");
+    let (status, stdout, _) = run(d, &["once"], &[]);
+    assert_eq!(status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("to retry 1"), "{stdout}");
+    assert_eq!(files_under(&d.join("data/incoming")), ["orders/a.csv"]);
+    let db = sqlite(d).await;
+    assert_eq!(count(&db, "SELECT count(*) FROM orders").await, 25);
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM s3_sql_loader_files WHERE state = 'loaded'").await,
+        1
+    );
+
+    std::fs::remove_file(d.join("data/processed/orders")).unwrap();
+    let (status, stdout, stderr) = run(d, &["once"], &[]);
+    assert!(status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("loaded 0") && stdout.contains("already loaded 1"),
+        "{stdout}"
+    );
+    assert_eq!(files_under(&d.join("data/processed")), ["orders/a.csv"]);
+    assert_eq!(count(&db, "SELECT count(*) FROM orders").await, 25, "not one row twice");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retry_failed_moves_files_back_and_they_load_once_fixed_conditions_allow() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // The table does not exist and creating tables is off: the file fails for a reason that an
+    // operator can fix (here, by turning creation on), then retries it.
+    write_old(&d.join("data/incoming/orders/a.csv"), orders_csv(1, 4).as_bytes());
+    let off = kv(&[("LOADER_DATABASE__CREATE_TABLES", "false")]);
+    let (status, stdout, _) = run(d, &["once"], &off);
+    assert_eq!(status.code(), Some(1), "{stdout}");
+    let report = std::fs::read_to_string(d.join("data/failed/orders/a.csv.error.json")).unwrap();
+    assert!(report.contains("does not exist"), "{report}");
+
+    let (status, stdout, stderr) = run(d, &["retry-failed"], &[]);
+    assert!(status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("moved 1 file(s)"), "{stdout}");
+    assert_eq!(files_under(&d.join("data/failed")), Vec::<String>::new());
+    let (status, stdout, stderr) = run(d, &["once"], &[]);
+    assert!(status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("loaded 1 (4 rows)"), "{stdout}");
+    assert_eq!(count(&sqlite(d).await, "SELECT count(*) FROM orders").await, 4);
+}
