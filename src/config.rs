@@ -25,6 +25,7 @@ pub struct Config {
     pub http: HttpConfig,
     pub shutdown: ShutdownConfig,
     pub log: LogConfig,
+    pub cloudwatch: CloudWatchConfig,
 }
 
 impl Default for Config {
@@ -39,6 +40,7 @@ impl Default for Config {
             http: HttpConfig::default(),
             shutdown: ShutdownConfig::default(),
             log: LogConfig::default(),
+            cloudwatch: CloudWatchConfig::default(),
         }
     }
 }
@@ -230,6 +232,32 @@ pub enum LogFormat {
     Json,
 }
 
+/// CloudWatch custom metrics, published after every tick.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CloudWatchConfig {
+    /// Publish at all. Off by default (the embedded default has no AWS).
+    pub enabled: bool,
+    /// Metric namespace.
+    pub namespace: String,
+    /// Dimensions on every datapoint; empty means `Pipeline = <pipeline>`.
+    pub dimensions: std::collections::BTreeMap<String, String>,
+    /// A PutMetricData call that takes longer is abandoned (and counted as failed).
+    #[serde(with = "duration")]
+    pub timeout: Duration,
+}
+
+impl Default for CloudWatchConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            namespace: "S3SqlLoader".into(),
+            dimensions: Default::default(),
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
 /// The source URL, parsed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SourceUrl {
@@ -325,6 +353,12 @@ impl Config {
         }
         if self.pipeline.is_empty() || self.pipeline.len() > 200 {
             problems.push("pipeline: must be 1 to 200 characters".into());
+        }
+        if self.cloudwatch.namespace.is_empty() || self.cloudwatch.namespace.starts_with("AWS/") {
+            problems.push("cloudwatch.namespace: must be non-empty and must not start with AWS/".into());
+        }
+        if self.cloudwatch.dimensions.len() > 30 {
+            problems.push("cloudwatch.dimensions: at most 30 dimensions".into());
         }
         if problems.is_empty() {
             Ok(self)
@@ -500,6 +534,19 @@ mod tests {
         assert_eq!(dialect_of("sqlite://./x.db"), Ok(Dialect::Sqlite));
         let err = dialect_of("oracle://scott:tiger@h/db").unwrap_err();
         assert!(!err.contains("tiger"), "{err}");
+    }
+
+    #[test]
+    fn the_shipped_configuration_files_are_valid() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        for file in ["config/default.toml", "config/container.toml", "k8s/base/config.toml"] {
+            let config = Config::figment(Some(&root.join(file)))
+                .extract::<Config>()
+                .unwrap_or_else(|e| panic!("{file}: {e}"))
+                .validated()
+                .unwrap_or_else(|e| panic!("{file}: {e}"));
+            assert_eq!(config.http.listen.parse::<SocketAddr>().is_ok(), true, "{file}");
+        }
     }
 
     #[test]
