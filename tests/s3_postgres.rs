@@ -37,7 +37,9 @@ async fn files_in_nested_prefixes_load_into_postgres_and_move_to_processed() {
     let bucket = Bucket::create(&moto, "e2e").await;
     let db = PgDb::create("e2e").await;
     bucket.put("incoming/orders/2026/11/01/a.csv", orders_csv(1, 100)).await;
-    bucket.put("incoming/orders/2026/11/02/b.csv", orders_csv(101, 50)).await;
+    bucket
+        .put("incoming/orders/2026/11/02/b.csv", orders_csv(101, 50))
+        .await;
     bucket.put("incoming/orders/c.csv", orders_csv(151, 1)).await;
     bucket.put("incoming/customers/x y.csv", "id,name\n1,Ann\n2,\n").await;
     bucket.put("unrelated/z.csv", "id\n1\n").await;
@@ -49,7 +51,10 @@ async fn files_in_nested_prefixes_load_into_postgres_and_move_to_processed() {
     let max_backlog = std::sync::atomic::AtomicU64::new(0);
     wait_until(Duration::from_secs(60), "4 files loaded and backlog 0", || async {
         let s = loader.status().await;
-        max_backlog.fetch_max(s["backlog"]["files"].as_u64().unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
+        max_backlog.fetch_max(
+            s["backlog"]["files"].as_u64().unwrap_or(0),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         !s["backlog"]["listed_at"].is_null() && s["backlog"]["files"] == 0 && s["totals"]["files_loaded"] == 4
     })
     .await;
@@ -71,8 +76,15 @@ async fn files_in_nested_prefixes_load_into_postgres_and_move_to_processed() {
     assert_eq!(bucket.keys("unrelated/").await, ["unrelated/z.csv"]);
     assert_eq!(db.count("SELECT count(*) FROM orders").await, 151);
     assert_eq!(db.count("SELECT count(DISTINCT id) FROM orders").await, 151);
-    assert_eq!(db.count("SELECT sum(id)::bigint FROM orders").await, (1..=151).sum::<i64>());
-    assert_eq!(db.count("SELECT count(*) FROM customers WHERE name IS NULL").await, 1, "empty field is NULL");
+    assert_eq!(
+        db.count("SELECT sum(id)::bigint FROM orders").await,
+        (1..=151).sum::<i64>()
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM customers WHERE name IS NULL").await,
+        1,
+        "empty field is NULL"
+    );
     let types: Vec<(String, String)> = sqlx::query_as(
         "SELECT column_name::text, data_type::text FROM information_schema.columns WHERE table_name = 'orders' ORDER BY ordinal_position",
     )
@@ -82,12 +94,26 @@ async fn files_in_nested_prefixes_load_into_postgres_and_move_to_processed() {
     let types: Vec<(&str, &str)> = types.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
     assert_eq!(
         types,
-        [("id", "bigint"), ("customer", "text"), ("amount", "double precision"), ("paid", "boolean"), ("created_on", "date")]
+        [
+            ("id", "bigint"),
+            ("customer", "text"),
+            ("amount", "double precision"),
+            ("paid", "boolean"),
+            ("created_on", "date")
+        ]
     );
-    assert_eq!(db.count("SELECT count(*) FROM s3_sql_loader_files WHERE state = 'loaded' AND attempts = 1").await, 4);
+    assert_eq!(
+        db.count("SELECT count(*) FROM s3_sql_loader_files WHERE state = 'loaded' AND attempts = 1")
+            .await,
+        4
+    );
 
     loader.signal(libc::SIGTERM);
-    assert!(loader.wait_exit(Duration::from_secs(10)).expect("exits").success(), "{}", loader.log());
+    assert!(
+        loader.wait_exit(Duration::from_secs(10)).expect("exits").success(),
+        "{}",
+        loader.log()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -95,7 +121,9 @@ async fn more_than_a_thousand_keys_are_all_found_and_loaded() {
     let moto = Moto::start();
     let bucket = Bucket::create(&moto, "many").await;
     let db = PgDb::create("many").await;
-    let files = (0..1100).map(|i| (format!("incoming/events/{i:05}.csv"), format!("id,n\n{i},{}\n", i * 2))).collect();
+    let files = (0..1100)
+        .map(|i| (format!("incoming/events/{i:05}.csv"), format!("id,n\n{i},{}\n", i * 2)))
+        .collect();
     put_many(&bucket, files).await;
 
     let dir = tempfile::tempdir().unwrap();
@@ -103,7 +131,10 @@ async fn more_than_a_thousand_keys_are_all_found_and_loaded() {
         &moto,
         "many",
         &db,
-        &[("LOADER_SCHEDULE__MAX_FILES_PER_TICK", "5000"), ("LOADER_WORKERS__FILES_PER_SECOND", "1000")],
+        &[
+            ("LOADER_SCHEDULE__MAX_FILES_PER_TICK", "5000"),
+            ("LOADER_WORKERS__FILES_PER_SECOND", "1000"),
+        ],
     );
     let (status, stdout, stderr) = run(dir.path(), &["status"], &env);
     assert!(status.success(), "{stderr}");
@@ -131,17 +162,27 @@ async fn bad_files_go_to_failed_with_reports_and_leave_no_rows_while_good_ones_l
     let mut typed = orders_csv(100, 3);
     typed.push_str("103,x,1.5,maybe,2026-11-01\n");
     bucket.put("incoming/orders/typed.csv", typed).await;
-    bucket.put("incoming/orders/ragged.csv", "id,customer\n1,a,extra\n").await;
+    bucket
+        .put("incoming/orders/ragged.csv", "id,customer\n1,a,extra\n")
+        .await;
     bucket.put("incoming/orders/newcol.csv", "id,surprise\n500,x\n").await;
     bucket.put("incoming/bad-table/a.csv", "id\n1\n").await;
-    bucket.put("incoming/orders/badcol.csv", "id,\"x; drop table orders\"\n1,2\n").await;
+    bucket
+        .put("incoming/orders/badcol.csv", "id,\"x; drop table orders\"\n1,2\n")
+        .await;
     bucket.put("incoming/orders/good.csv", orders_csv(200, 5)).await;
     let (status, stdout, _) = run(dir.path(), &["once"], &env);
     assert_eq!(status.code(), Some(1));
-    assert!(stdout.contains("loaded 1 (5 rows)") && stdout.contains("failed 5"), "{stdout}");
+    assert!(
+        stdout.contains("loaded 1 (5 rows)") && stdout.contains("failed 5"),
+        "{stdout}"
+    );
 
     assert_eq!(bucket.keys("incoming/").await, Vec::<String>::new());
-    assert_eq!(bucket.keys("processed/").await, ["processed/orders/first.csv", "processed/orders/good.csv"]);
+    assert_eq!(
+        bucket.keys("processed/").await,
+        ["processed/orders/first.csv", "processed/orders/good.csv"]
+    );
     let report = |key: &'static str| {
         let bucket = &bucket;
         async move { serde_json::from_slice::<serde_json::Value>(&bucket.get(key).await).unwrap() }
@@ -150,23 +191,59 @@ async fn bad_files_go_to_failed_with_reports_and_leave_no_rows_while_good_ones_l
     assert_eq!(typed["error"]["kind"], "type", "{typed}");
     assert_eq!(typed["error"]["record"], 4, "{typed}");
     assert_eq!(typed["error"]["column"], "paid", "{typed}");
-    assert!(typed["error"]["database_message"].as_str().unwrap().contains("boolean"), "{typed}");
+    assert!(
+        typed["error"]["database_message"].as_str().unwrap().contains("boolean"),
+        "{typed}"
+    );
     assert_eq!(typed["key"], "incoming/orders/typed.csv");
-    assert_eq!(report("failed/orders/ragged.csv.error.json").await["error"]["kind"], "decode");
+    assert_eq!(
+        report("failed/orders/ragged.csv.error.json").await["error"]["kind"],
+        "decode"
+    );
     let newcol = report("failed/orders/newcol.csv.error.json").await;
     assert_eq!(newcol["error"]["kind"], "schema");
     assert_eq!(newcol["error"]["column"], "surprise");
-    assert_eq!(report("failed/bad-table/a.csv.error.json").await["error"]["kind"], "unsafe_name");
-    assert_eq!(report("failed/orders/badcol.csv.error.json").await["error"]["kind"], "unsafe_name");
-    for key in ["failed/orders/typed.csv", "failed/orders/ragged.csv", "failed/bad-table/a.csv"] {
-        assert!(bucket.keys(key).await.contains(&key.to_string()), "{key} moved to failed/");
+    assert_eq!(
+        report("failed/bad-table/a.csv.error.json").await["error"]["kind"],
+        "unsafe_name"
+    );
+    assert_eq!(
+        report("failed/orders/badcol.csv.error.json").await["error"]["kind"],
+        "unsafe_name"
+    );
+    for key in [
+        "failed/orders/typed.csv",
+        "failed/orders/ragged.csv",
+        "failed/bad-table/a.csv",
+    ] {
+        assert!(
+            bucket.keys(key).await.contains(&key.to_string()),
+            "{key} moved to failed/"
+        );
     }
 
-    assert_eq!(db.count("SELECT count(*) FROM orders").await, 15, "only first.csv and good.csv");
-    assert_eq!(db.count("SELECT count(*) FROM orders WHERE id >= 100 AND id < 200").await, 0);
-    assert_eq!(db.count("SELECT count(*) FROM s3_sql_loader_files WHERE state = 'failed'").await, 5);
-    let tables: i64 = db.count("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'").await;
-    assert_eq!(tables, 2, "only orders and the ledger: nothing was created from a bad name");
+    assert_eq!(
+        db.count("SELECT count(*) FROM orders").await,
+        15,
+        "only first.csv and good.csv"
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM orders WHERE id >= 100 AND id < 200")
+            .await,
+        0
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM s3_sql_loader_files WHERE state = 'failed'")
+            .await,
+        5
+    );
+    let tables: i64 = db
+        .count("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'")
+        .await;
+    assert_eq!(
+        tables, 2,
+        "only orders and the ledger: nothing was created from a bad name"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -175,7 +252,10 @@ async fn a_commit_whose_move_failed_is_moved_on_the_next_tick_without_duplicates
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     write_old(&d.join("data/incoming/orders/a.csv"), orders_csv(1, 40).as_bytes());
-    write_old(&d.join("data/processed/orders"), b"a file where the move needs a folder");
+    write_old(
+        &d.join("data/processed/orders"),
+        b"a file where the move needs a folder",
+    );
     let env = kv(&[("LOADER_DATABASE__URL", &db.url)]);
     let (status, stdout, _) = run(d, &["once"], &env);
     assert_eq!(status.code(), Some(1), "{stdout}");
@@ -196,7 +276,9 @@ async fn two_loaders_on_one_bucket_never_load_a_file_twice() {
     let moto = Moto::start();
     let bucket = Bucket::create(&moto, "replicas").await;
     let db = PgDb::create("replicas").await;
-    let files = (0..200u64).map(|i| (format!("incoming/orders/{:03}/f.csv", i), orders_csv(i * 10 + 1, 10))).collect();
+    let files = (0..200u64)
+        .map(|i| (format!("incoming/orders/{:03}/f.csv", i), orders_csv(i * 10 + 1, 10)))
+        .collect();
     put_many(&bucket, files).await;
 
     // Both list the same files at the same moments; only ledger locks keep them apart.
@@ -204,7 +286,10 @@ async fn two_loaders_on_one_bucket_never_load_a_file_twice() {
         &moto,
         "replicas",
         &db,
-        &[("LOADER_WORKERS__CONCURRENCY", "3"), ("LOADER_SCHEDULE__MAX_FILES_PER_TICK", "200")],
+        &[
+            ("LOADER_WORKERS__CONCURRENCY", "3"),
+            ("LOADER_SCHEDULE__MAX_FILES_PER_TICK", "200"),
+        ],
     );
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let mut a = Loader::spawn(dir_a.path(), &env);
@@ -217,7 +302,10 @@ async fn two_loaders_on_one_bucket_never_load_a_file_twice() {
     .await;
     // Let both finish what they hold, then stop them.
     for l in [&a, &b] {
-        wait_until(Duration::from_secs(20), "idle", || async { l.status().await["in_flight"] == 0 }).await;
+        wait_until(Duration::from_secs(20), "idle", || async {
+            l.status().await["in_flight"] == 0
+        })
+        .await;
     }
     let (sa, sb) = (a.status().await, b.status().await);
     for l in [&mut a, &mut b] {
@@ -227,12 +315,27 @@ async fn two_loaders_on_one_bucket_never_load_a_file_twice() {
 
     let loaded_a = a.log_events("loaded").len();
     let loaded_b = b.log_events("loaded").len();
-    assert_eq!(loaded_a + loaded_b, 200, "every file loaded exactly once across both processes");
-    assert!(loaded_a > 0 && loaded_b > 0, "both loaders did work: {loaded_a} + {loaded_b}");
+    assert_eq!(
+        loaded_a + loaded_b,
+        200,
+        "every file loaded exactly once across both processes"
+    );
+    assert!(
+        loaded_a > 0 && loaded_b > 0,
+        "both loaders did work: {loaded_a} + {loaded_b}"
+    );
     let total = sa["totals"]["files_loaded"].as_u64().unwrap() + sb["totals"]["files_loaded"].as_u64().unwrap();
     assert_eq!(total, 200);
     assert_eq!(db.count("SELECT count(*) FROM orders").await, 2000);
     assert_eq!(db.count("SELECT count(DISTINCT id) FROM orders").await, 2000);
-    assert_eq!(db.count("SELECT count(*) FROM s3_sql_loader_files WHERE state = 'loaded'").await, 200);
-    assert_eq!(db.count("SELECT coalesce(sum(attempts), 0)::bigint FROM s3_sql_loader_files").await, 200);
+    assert_eq!(
+        db.count("SELECT count(*) FROM s3_sql_loader_files WHERE state = 'loaded'")
+            .await,
+        200
+    );
+    assert_eq!(
+        db.count("SELECT coalesce(sum(attempts), 0)::bigint FROM s3_sql_loader_files")
+            .await,
+        200
+    );
 }
