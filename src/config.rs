@@ -540,7 +540,7 @@ mod tests {
     fn the_shipped_configuration_files_are_valid() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         for file in ["config/default.toml", "config/container.toml", "k8s/base/config.toml"] {
-            let config = Config::figment(Some(&root.join(file)))
+            Config::figment(Some(&root.join(file)))
                 .extract::<Config>()
                 .unwrap_or_else(|e| panic!("{file}: {e}"))
                 .validated()
