@@ -123,7 +123,11 @@ impl App {
         if let Some(server) = server {
             server.await??;
         }
-        self.db.close().await;
+        // Closing waits for connections to come back; abandoned loads still hold theirs, and
+        // the process exit rolls them back anyway.
+        if abandoned == 0 {
+            let _ = tokio::time::timeout(Duration::from_secs(2), self.db.close()).await;
+        }
         info!(abandoned, "loader stopped");
         Ok(())
     }
@@ -211,7 +215,7 @@ impl App {
             }
             // Ledger first: a file back in incoming/ must not be taken for an already-failed one.
             self.db.reset_failed(self.source.id(), &obj.key).await?;
-            if self.source.move_back(&obj).await? == crate::source::MoveOutcome::Moved {
+            if let crate::source::MoveOutcome::Moved { .. } = self.source.move_back(&obj).await? {
                 self.source.delete(&format!("{FAILED}{}.error.json", obj.key)).await?;
                 moved += 1;
                 info!(key = %obj.key, "moved back to incoming/");

@@ -26,6 +26,8 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     pub log: LogConfig,
     pub cloudwatch: CloudWatchConfig,
+    pub retry: RetryConfig,
+    pub claim: ClaimConfig,
 }
 
 impl Default for Config {
@@ -41,6 +43,8 @@ impl Default for Config {
             shutdown: ShutdownConfig::default(),
             log: LogConfig::default(),
             cloudwatch: CloudWatchConfig::default(),
+            retry: RetryConfig::default(),
+            claim: ClaimConfig::default(),
         }
     }
 }
@@ -232,6 +236,52 @@ pub enum LogFormat {
     Json,
 }
 
+/// Transient errors: a file is retried on later ticks with exponential backoff and jitter.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// After this many attempts that ended in transient errors (recorded in the ledger), the
+    /// file goes to `failed/` with the history of its attempts.
+    pub max_attempts: u32,
+    /// Wait before the first retry; doubles with each further failure.
+    #[serde(with = "duration")]
+    pub initial_backoff: Duration,
+    /// The wait between retries never exceeds this.
+    #[serde(with = "duration")]
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: 10,
+            initial_backoff: Duration::from_secs(5),
+            max_backoff: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Claims on files.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClaimConfig {
+    /// How long a claim lasts unless renewed. A loading process renews its claims every third
+    /// of this; when one runs out (the process is frozen or cut off), the next loader to find
+    /// the file locked ends the holder's database session, which rolls its transaction back,
+    /// and loads the file. A process that dies releases its claims at once (its connections
+    /// close). PostgreSQL only; SQLite has a single writer.
+    #[serde(with = "duration")]
+    pub lease: Duration,
+}
+
+impl Default for ClaimConfig {
+    fn default() -> Self {
+        Self {
+            lease: Duration::from_secs(60),
+        }
+    }
+}
+
 /// CloudWatch custom metrics, published after every tick.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -313,9 +363,9 @@ impl Config {
         if let Err(e) = self.dialect() {
             problems.push(format!("database.url: {e}"));
         }
-        if !crate::schema::is_safe_identifier(&self.database.ledger_table) {
+        if !crate::schema::is_safe_identifier(&self.database.ledger_table) || self.database.ledger_table.len() > 48 {
             problems.push(format!(
-                "database.ledger_table: {:?} is not a safe SQL identifier (letters, digits and _, not starting with a digit, at most 63 characters)",
+                "database.ledger_table: {:?} is not a safe SQL identifier (letters, digits and _, not starting with a digit, at most 48 characters)",
                 self.database.ledger_table
             ));
         }
@@ -353,6 +403,15 @@ impl Config {
         }
         if self.pipeline.is_empty() || self.pipeline.len() > 200 {
             problems.push("pipeline: must be 1 to 200 characters".into());
+        }
+        if self.retry.max_attempts == 0 {
+            problems.push("retry.max_attempts: must be at least 1".into());
+        }
+        if self.retry.initial_backoff > self.retry.max_backoff {
+            problems.push("retry.initial_backoff: must not exceed retry.max_backoff".into());
+        }
+        if self.claim.lease < Duration::from_secs(1) {
+            problems.push("claim.lease: must be at least 1s".into());
         }
         if self.cloudwatch.namespace.is_empty() || self.cloudwatch.namespace.starts_with("AWS/") {
             problems.push("cloudwatch.namespace: must be non-empty and must not start with AWS/".into());

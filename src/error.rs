@@ -20,6 +20,22 @@ pub struct FileError {
     /// The database's own message, when the database refused the data.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub database_message: Option<String>,
+    /// Earlier attempts that ended in transient errors, oldest first. (Boxed: errors travel in
+    /// `Result`s and should stay small.)
+    #[serde(default, skip_serializing_if = "no_history")]
+    pub history: Box<Vec<Attempt>>,
+}
+
+fn no_history(history: &[Attempt]) -> bool {
+    history.is_empty()
+}
+
+/// One attempt that hit a transient error.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Attempt {
+    pub at: chrono::DateTime<chrono::Utc>,
+    pub stage: Stage,
+    pub message: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,6 +53,8 @@ pub enum FileErrorKind {
     Database,
     /// The object itself cannot be read (for example access denied).
     Source,
+    /// Transient errors every time, `retry.max_attempts` times.
+    RetriesExhausted,
 }
 
 impl FileError {
@@ -48,6 +66,7 @@ impl FileError {
             record: None,
             column: None,
             database_message: None,
+            history: Box::default(),
         }
     }
 
@@ -83,7 +102,7 @@ impl std::fmt::Display for FileError {
 }
 
 /// The step of a file's journey where something failed; a log and metric label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Stage {
     List,

@@ -192,6 +192,14 @@ pub async fn decode_csv(
         loop {
             match reader.read_record(&mut record) {
                 Ok(true) => {
+                    if memchr_nul(record.as_slice().as_bytes()) {
+                        let field = record.iter().position(|f| f.contains('\0')).unwrap_or(0);
+                        let error = FileError::new(FileErrorKind::Decode, format!("NUL byte in field {}", field + 1))
+                            .at_line(record_line(&record))
+                            .at_record(record_number(&record));
+                        let _ = tx.blocking_send(Err(DecodeFailure::Format(error)));
+                        return;
+                    }
                     batch_bytes += record.as_slice().len();
                     batch.records.push(std::mem::take(&mut record));
                     if batch.records.len() >= BATCH_ROWS || batch_bytes >= BATCH_BYTES {
@@ -223,6 +231,12 @@ pub async fn decode_csv(
             "the decoder stopped unexpectedly",
         ))),
     }
+}
+
+/// Text columns cannot hold NUL in PostgreSQL, and a NUL in a CSV file means it is not text:
+/// refused everywhere alike.
+fn memchr_nul(bytes: &[u8]) -> bool {
+    bytes.contains(&0)
 }
 
 fn csv_failure(e: csv::Error, classify: &dyn Fn(io::Error, &str) -> DecodeFailure) -> DecodeFailure {
@@ -352,6 +366,15 @@ mod tests {
             matches!(err, DecodeFailure::Format(ref e) if e.line == Some(2)),
             "{err:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_nul_byte_is_a_decode_error() {
+        let err = decode(b"a,b\n1,2\n3,x\x00y\n".to_vec(), "x.csv").await.unwrap_err();
+        let DecodeFailure::Format(e) = err else {
+            panic!("{err:?}")
+        };
+        assert_eq!((e.line, e.message.as_str()), (Some(3), "NUL byte in field 2"));
     }
 
     #[tokio::test]

@@ -54,7 +54,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(run(cli))
+    let code = runtime.block_on(run(cli));
+    // Loads abandoned after the grace period may still sit in blocking decoder threads: do
+    // not wait for them (their transactions roll back when the process exits).
+    runtime.shutdown_timeout(Duration::from_millis(500));
+    code
 }
 
 async fn run(cli: Cli) -> ExitCode {

@@ -24,9 +24,6 @@ use crate::source::{INCOMING, ObjectMeta};
 use crate::status::TickReport;
 use crate::worker::{FileOutcome, Worker};
 
-/// Longest wait before retrying a file after transient errors.
-const MAX_BACKOFF: Duration = Duration::from_secs(300);
-
 pub struct Scheduler {
     worker: Arc<Worker>,
     interval: Duration,
@@ -39,6 +36,8 @@ pub struct Scheduler {
     /// Keys handed to a worker and not finished: never handed out twice by this process.
     in_flight: Arc<Mutex<HashSet<String>>>,
     backoff: Arc<Mutex<HashMap<String, Backoff>>>,
+    initial_backoff: Duration,
+    max_backoff: Duration,
     ledger_ready: AtomicBool,
     tracker: TaskTracker,
     stop: CancellationToken,
@@ -61,6 +60,8 @@ impl Scheduler {
             limiter: Arc::new(RateLimiter::direct(Quota::per_second(per_second))),
             in_flight: Arc::default(),
             backoff: Arc::default(),
+            initial_backoff: config.retry.initial_backoff,
+            max_backoff: config.retry.max_backoff,
             ledger_ready: AtomicBool::new(false),
             tracker: TaskTracker::new(),
             stop,
@@ -182,7 +183,7 @@ impl Scheduler {
         let stop = self.stop.clone();
         let in_flight = self.in_flight.clone();
         let backoff = self.backoff.clone();
-        let base = self.interval;
+        let (initial, max) = (self.initial_backoff, self.max_backoff);
         let location = worker.source.location(INCOMING, &obj.key);
         let span = info_span!("file", s3.key = %location, file.etag = %obj.etag);
         self.tracker.spawn(
@@ -211,7 +212,7 @@ impl Scheduler {
                         not_before: Instant::now(),
                     });
                     b.failures += 1;
-                    b.not_before = Instant::now() + backoff_delay(base, b.failures);
+                    b.not_before = Instant::now() + backoff_delay(initial, max, b.failures);
                 } else {
                     backoff.remove(&obj.key);
                 }
@@ -224,12 +225,12 @@ impl Scheduler {
     }
 }
 
-/// Exponential from one interval, capped, with ±50% jitter so replicas do not retry in step.
-fn backoff_delay(base: Duration, failures: u32) -> Duration {
-    let exp = base
+/// `initial × 2^(failures-1)`, capped at `max`, with ±50% jitter so replicas do not retry in step.
+fn backoff_delay(initial: Duration, max: Duration, failures: u32) -> Duration {
+    let exp = initial
         .saturating_mul(1u32 << failures.saturating_sub(1).min(16))
-        .min(MAX_BACKOFF);
-    exp.mul_f64(rand::rng().random_range(0.5..1.5)).saturating_sub(base / 2)
+        .min(max);
+    exp.mul_f64(rand::rng().random_range(0.5..1.5))
 }
 
 #[cfg(test)]
@@ -237,13 +238,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn backoff_grows_and_stays_capped() {
-        let base = Duration::from_secs(1);
-        let first = backoff_delay(base, 1);
-        assert!(first <= Duration::from_secs(1), "{first:?}");
-        for _ in 0..100 {
-            assert!(backoff_delay(base, 30) <= MAX_BACKOFF.mul_f64(1.5));
-            assert!(backoff_delay(base, 6) >= Duration::from_secs(32) / 2 - base);
+    fn backoff_doubles_with_jitter_and_stays_capped() {
+        let (initial, max) = (Duration::from_secs(2), Duration::from_secs(60));
+        for _ in 0..200 {
+            let first = backoff_delay(initial, max, 1);
+            assert!(
+                first >= Duration::from_secs(1) && first <= Duration::from_secs(3),
+                "{first:?}"
+            );
+            let fourth = backoff_delay(initial, max, 4);
+            assert!(
+                fourth >= Duration::from_secs(8) && fourth <= Duration::from_secs(24),
+                "{fourth:?}"
+            );
+            assert!(backoff_delay(initial, max, 40) <= max.mul_f64(1.5));
         }
     }
 }

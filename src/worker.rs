@@ -85,19 +85,28 @@ impl Worker {
             FileOutcome::Retry { stage, message } => {
                 self.status.transient_error();
                 warn!(error.stage = %stage, error.message = %message, "transient error; will retry");
+                // Best effort: counts towards retry.max_attempts when the database is reachable.
+                let file = self.file_ref(obj);
+                if let Err(e) = self.db.record_transient(file, *stage, message).await {
+                    tracing::debug!(error.message = %e, "could not record the transient error");
+                }
             }
             FileOutcome::NotStarted => {}
         }
         outcome
     }
 
-    async fn load_and_move(&self, obj: &ObjectMeta) -> Result<FileOutcome, LoadError> {
-        let file = FileRef {
+    fn file_ref<'a>(&'a self, obj: &'a ObjectMeta) -> FileRef<'a> {
+        FileRef {
             source: self.source.id(),
             key: &obj.key,
             etag: &obj.etag,
             size: obj.size,
-        };
+        }
+    }
+
+    async fn load_and_move(&self, obj: &ObjectMeta) -> Result<FileOutcome, LoadError> {
+        let file = self.file_ref(obj);
         let target = table_for_key(&obj.key, &self.ledger_table);
         let open = || async {
             let reader = self.source.open(obj).await.map_err(|e| e.into_load_error(Stage::Get))?;
@@ -115,9 +124,22 @@ impl Worker {
                 Ok(FileOutcome::AlreadyLoaded)
             }
             LoadOutcome::Failed(error) | LoadOutcome::AlreadyFailed(error) => {
-                self.write_report(obj, &error).await?;
-                self.move_to(obj, Area::Failed).await?;
-                Ok(FileOutcome::Failed(error))
+                // The report goes beside the file under the name the file will get, so both are
+                // decided first; a name held by another failed version is never reused.
+                let name = self
+                    .source
+                    .free_name(Area::Failed, obj)
+                    .await
+                    .map_err(|e| e.into_load_error(Stage::Move))?;
+                self.write_report(obj, &name, &error).await?;
+                match self.source.move_to_name(obj, Area::Failed, &name).await {
+                    Ok(Some(_)) => Ok(FileOutcome::Failed(error)),
+                    Ok(None) => Err(LoadError::transient(
+                        Stage::Move,
+                        format!("{FAILED}{name} was taken meanwhile"),
+                    )),
+                    Err(e) => Err(e.into_load_error(Stage::Move)),
+                }
             }
             LoadOutcome::Busy => Ok(FileOutcome::Busy),
         }
@@ -130,7 +152,11 @@ impl Worker {
             .await
             .map_err(|e| e.into_load_error(Stage::Move))?
         {
-            MoveOutcome::Moved => Ok(()),
+            MoveOutcome::Moved { to } if to != obj.key => {
+                warn!(moved.to = %format!("{}{to}", area.prefix()), "the key was taken by another version; moved under a new name");
+                Ok(())
+            }
+            MoveOutcome::Moved { .. } => Ok(()),
             MoveOutcome::SourceGone => {
                 info!("the listed version was already gone from incoming/ (moved by another loader or replaced)");
                 Ok(())
@@ -139,7 +165,7 @@ impl Worker {
     }
 
     /// Written before the move, so a file in `failed/` always has its report beside it.
-    async fn write_report(&self, obj: &ObjectMeta, error: &FileError) -> Result<(), LoadError> {
+    async fn write_report(&self, obj: &ObjectMeta, name: &str, error: &FileError) -> Result<(), LoadError> {
         let report = FailureReportFile {
             source: self.source.id(),
             key: format!("{INCOMING}{}", obj.key),
@@ -151,7 +177,7 @@ impl Worker {
         };
         let body = serde_json::to_vec_pretty(&report).unwrap_or_default();
         self.source
-            .put(&format!("{FAILED}{}.error.json", obj.key), body)
+            .put(&format!("{FAILED}{name}.error.json"), body)
             .await
             .map_err(|e| e.into_load_error(Stage::Report))
     }

@@ -21,7 +21,7 @@ use secrecy::ExposeSecret;
 use sha2::{Digest, Sha256};
 
 use crate::config::{Config, Dialect};
-use crate::error::{FileError, FileErrorKind, LoadError, Stage};
+use crate::error::{Attempt, FileError, FileErrorKind, LoadError, Stage};
 use crate::format::{Batch, Decoded};
 use crate::schema::{self, ColumnType, TypeInference};
 
@@ -79,6 +79,10 @@ pub struct SinkOptions {
     pub null: String,
     /// Written into the ledger's `claimed_by`: which process loaded the file.
     pub owner: String,
+    /// A file with this many recorded attempts is failed instead of tried again.
+    pub max_attempts: u32,
+    /// See `claim.lease`.
+    pub lease: std::time::Duration,
 }
 
 impl Database {
@@ -90,6 +94,8 @@ impl Database {
             create_tables: config.database.create_tables,
             null: config.csv.null.clone(),
             owner: owner_name(),
+            max_attempts: config.retry.max_attempts,
+            lease: config.claim.lease,
         };
         let url = config.database.url.expose_secret();
         Ok(match config.dialect().map_err(anyhow::Error::msg)? {
@@ -136,6 +142,16 @@ impl Database {
         }
     }
 
+    /// Counts an attempt that ended in a transient error and adds it to the file's history
+    /// (unless another loader holds the file right now).
+    pub async fn record_transient(&self, file: FileRef<'_>, stage: Stage, message: &str) -> Result<(), LoadError> {
+        match self {
+            Database::Postgres(s) => s.record_transient(file, stage, message).await,
+            Database::Sqlite(s) => s.record_transient(file, stage, message).await,
+        }
+        .map_err(|e| db_error(e, Stage::Database))
+    }
+
     /// Lets failed versions of `key` be loaded again (for `retry-failed`).
     pub async fn reset_failed(&self, source: &str, key: &str) -> Result<u64, LoadError> {
         match self {
@@ -170,8 +186,21 @@ pub fn quote_ident(name: &str) -> String {
     format!("\"{name}\"")
 }
 
+/// The most columns a file may have (PostgreSQL's limit per table; others allow more).
+pub const MAX_COLUMNS: usize = 1600;
+
 /// The file's header as column names: each must be a safe identifier, once.
 pub fn file_columns(header: &[String]) -> Result<Vec<String>, FileError> {
+    if header.len() > MAX_COLUMNS {
+        return Err(FileError::new(
+            FileErrorKind::Schema,
+            format!(
+                "the header has {} columns; at most {MAX_COLUMNS} are supported",
+                header.len()
+            ),
+        )
+        .at_line(Some(1)));
+    }
     let mut columns: Vec<String> = Vec::with_capacity(header.len());
     for (i, raw) in header.iter().enumerate() {
         let name = raw.trim();
@@ -284,7 +313,8 @@ pub fn db_error(e: sqlx::Error, stage: Stage) -> LoadError {
 }
 
 /// SQLSTATE classes that are the data's fault. SQLite reports numeric result codes instead:
-/// 19 (constraint), 20 (mismatch), 25 (range), 18 (too big); its busy/locked codes are transient.
+/// 1 (an SQL error such as too many columns), 19 (constraint), 20 (mismatch), 25 (range),
+/// 18 (too big); its busy, locked, I/O and full-disk codes are transient.
 fn permanent_kind(code: &str) -> Option<FileErrorKind> {
     match code {
         "22P02" | "22003" | "22007" | "22008" | "22P05" | "22021" | "22001" => Some(FileErrorKind::Type),
@@ -292,7 +322,7 @@ fn permanent_kind(code: &str) -> Option<FileErrorKind> {
         c if c.starts_with("22") || c.starts_with("23") || c.starts_with("42") || c.starts_with("54") => {
             Some(FileErrorKind::Database)
         }
-        "19" | "20" | "25" | "18" | "275" | "531" | "787" | "1299" | "1555" | "2067" | "2579" => {
+        "1" | "19" | "20" | "25" | "18" | "275" | "531" | "787" | "1299" | "1555" | "2067" | "2579" => {
             Some(FileErrorKind::Database)
         }
         _ => None,
@@ -305,6 +335,40 @@ pub mod state {
     pub const LOADED: &str = "loaded";
     pub const FAILED: &str = "failed";
 }
+
+/// The most transient attempts kept in a file's history.
+const HISTORY_LIMIT: usize = 50;
+
+/// The ledger's history (a JSON array) with one more attempt at the end.
+pub(crate) fn append_history(history: Option<&str>, stage: Stage, message: &str) -> String {
+    let mut attempts: Vec<Attempt> = history.and_then(|h| serde_json::from_str(h).ok()).unwrap_or_default();
+    attempts.push(Attempt {
+        at: chrono::Utc::now(),
+        stage,
+        message: message.chars().take(2000).collect(),
+    });
+    let skip = attempts.len().saturating_sub(HISTORY_LIMIT);
+    serde_json::to_string(&attempts[skip..]).unwrap_or_else(|_| "[]".into())
+}
+
+/// The error for a file that used up its attempts.
+pub(crate) fn retries_exhausted(attempts: i64, history: Option<&str>) -> FileError {
+    let history: Vec<Attempt> = history.and_then(|h| serde_json::from_str(h).ok()).unwrap_or_default();
+    let last = history
+        .last()
+        .map(|a| format!("; last: {}: {}", a.stage, a.message))
+        .unwrap_or_default();
+    FileError {
+        history: Box::new(history),
+        ..FileError::new(
+            FileErrorKind::RetriesExhausted,
+            format!("gave up after {attempts} attempts{last}"),
+        )
+    }
+}
+
+/// A ledger row as read at claim time: state, row count, error, attempts, history.
+pub(crate) type LedgerRow = (String, Option<i64>, Option<String>, i64, Option<String>);
 
 /// What the locked ledger row says.
 pub(crate) fn outcome_of_state(state: &str, rows: Option<i64>, error: Option<String>) -> Option<LoadOutcome> {

@@ -8,7 +8,8 @@ use sqlx::postgres::{PgConnectOptions, PgDatabaseError, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Postgres, Transaction};
 
 use super::{
-    FileRef, LoadOutcome, SinkOptions, db_error, file_columns, outcome_of_state, plan_table, quote_ident, state,
+    FileRef, LedgerRow, LoadOutcome, SinkOptions, append_history, db_error, file_columns, outcome_of_state, plan_table,
+    quote_ident, retries_exhausted, state,
 };
 use crate::config::Config;
 use crate::error::{FileError, LoadError, Stage};
@@ -18,18 +19,37 @@ use crate::schema::ColumnType;
 pub struct PgSink {
     pool: PgPool,
     options: SinkOptions,
+    /// Quoted name of the claims table: who holds which file, until when (the lease).
+    claims: String,
+}
+
+/// Keeps a claim's lease alive while its load runs; stops (and releases nothing) when dropped.
+struct Heartbeat(tokio::task::JoinHandle<()>);
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl PgSink {
     pub fn connect_lazy(url: &str, config: &Config, options: SinkOptions) -> anyhow::Result<PgSink> {
         let connect = PgConnectOptions::from_str(url)
             .map_err(|e| anyhow::anyhow!("database.url: {}", crate::redact::scrub(&e.to_string(), &[url])))?
-            .application_name("s3-sql-loader");
+            .application_name("s3-sql-loader")
+            // A host that dies or is cut off without closing its connections: the server notices
+            // within about a minute and rolls their transactions back.
+            .options([
+                ("tcp_keepalives_idle", "30"),
+                ("tcp_keepalives_interval", "10"),
+                ("tcp_keepalives_count", "3"),
+            ]);
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections())
             .acquire_timeout(config.database.connect_timeout)
             .connect_lazy_with(connect);
-        Ok(PgSink { pool, options })
+        let claims = quote_ident(&format!("{}_claims", config.database.ledger_table));
+        Ok(PgSink { pool, options, claims })
     }
 
     pub async fn ping(&self) -> Result<(), sqlx::Error> {
@@ -42,6 +62,20 @@ impl PgSink {
 
     pub async fn ensure_ledger(&self) -> Result<(), sqlx::Error> {
         let ledger = &self.options.ledger;
+        let index = quote_ident(&format!("{}_key_idx", ledger.trim_matches('"')));
+        // Look in the catalog first: DDL, even `IF NOT EXISTS`, waits for the table's locks,
+        // which every load in flight holds until it commits.
+        let (has_ledger, has_index, has_claims): (bool, bool, bool) = sqlx::query_as(
+            "SELECT to_regclass($1) IS NOT NULL, to_regclass($2) IS NOT NULL, to_regclass($3) IS NOT NULL",
+        )
+        .bind(ledger)
+        .bind(&index)
+        .bind(&self.claims)
+        .fetch_one(&self.pool)
+        .await?;
+        if has_ledger && has_index && has_claims {
+            return Ok(());
+        }
         let mut tx = self.pool.begin().await?;
         // Replicas starting together would race on CREATE TABLE IF NOT EXISTS; serialize them.
         sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
@@ -60,6 +94,7 @@ impl PgSink {
                 byte_count    bigint NOT NULL,
                 attempts      integer NOT NULL DEFAULT 0,
                 error         text,
+                history       text,
                 claimed_by    text,
                 first_seen_at timestamptz NOT NULL DEFAULT now(),
                 loaded_at     timestamptz,
@@ -68,18 +103,106 @@ impl PgSink {
         )))
         .execute(&mut *tx)
         .await?;
-        let index = quote_ident(
-            &format!("{}_key_idx", ledger.trim_matches('"'))
-                .chars()
-                .take(63)
-                .collect::<String>(),
-        );
         sqlx::query(AssertSqlSafe(format!(
             "CREATE INDEX IF NOT EXISTS {index} ON {ledger} (source, object_key)"
         )))
         .execute(&mut *tx)
         .await?;
+        // Unlogged: leases are worth nothing after a server crash (every claim is gone then).
+        sqlx::query(AssertSqlSafe(format!(
+            "CREATE UNLOGGED TABLE IF NOT EXISTS {} (
+                file_id     text PRIMARY KEY,
+                owner       text NOT NULL,
+                backend_pid integer NOT NULL,
+                claimed_at  timestamptz NOT NULL,
+                expires_at  timestamptz NOT NULL
+            )",
+            self.claims
+        )))
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await
+    }
+
+    /// Records who holds the file (the load transaction's server process) and until when, and
+    /// renews that every third of the lease while the load runs.
+    async fn hold_claim(
+        &self,
+        id: &str,
+        tx: &mut Transaction<'static, Postgres>,
+    ) -> Result<(i32, Heartbeat), sqlx::Error> {
+        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut **tx)
+            .await?;
+        let lease = self.options.lease.as_secs_f64();
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO {} (file_id, owner, backend_pid, claimed_at, expires_at)
+             VALUES ($1, $2, $3, now(), now() + make_interval(secs => $4))
+             ON CONFLICT (file_id) DO UPDATE SET owner = excluded.owner, backend_pid = excluded.backend_pid,
+                 claimed_at = excluded.claimed_at, expires_at = excluded.expires_at",
+            self.claims
+        )))
+        .bind(id)
+        .bind(&self.options.owner)
+        .bind(pid)
+        .bind(lease)
+        .execute(&self.pool)
+        .await?;
+        let renew = format!(
+            "UPDATE {} SET expires_at = now() + make_interval(secs => $3) WHERE file_id = $1 AND backend_pid = $2",
+            self.claims
+        );
+        let (pool, id, period) = (self.pool.clone(), id.to_string(), self.options.lease / 3);
+        let task = tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(period);
+            ticks.tick().await;
+            loop {
+                ticks.tick().await;
+                let renewed = sqlx::query(AssertSqlSafe(renew.as_str()))
+                    .bind(&id)
+                    .bind(pid)
+                    .bind(lease)
+                    .execute(&pool)
+                    .await;
+                if let Err(e) = renewed {
+                    tracing::warn!(error.message = %e, "could not renew the claim's lease");
+                }
+            }
+        });
+        Ok((pid, Heartbeat(task)))
+    }
+
+    async fn release_claim(&self, id: &str, pid: i32) {
+        let released = sqlx::query(AssertSqlSafe(format!(
+            "DELETE FROM {} WHERE file_id = $1 AND backend_pid = $2",
+            self.claims
+        )))
+        .bind(id)
+        .bind(pid)
+        .execute(&self.pool)
+        .await;
+        if let Err(e) = released {
+            tracing::debug!(error.message = %e, "could not release the claim (it expires by itself)");
+        }
+    }
+
+    /// The file is locked by another load: if that load's lease ran out (its process is frozen
+    /// or cut off), end its server session, which rolls its transaction back and frees the
+    /// file for the next tick. `backend_start <= claimed_at` makes sure the process id still
+    /// belongs to the session that made the claim.
+    async fn take_over_if_expired(&self, id: &str) -> Result<(), sqlx::Error> {
+        let ended: Vec<(bool,)> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT pg_terminate_backend(a.pid) FROM {} c JOIN pg_stat_activity a ON a.pid = c.backend_pid
+             WHERE c.file_id = $1 AND c.expires_at < now() AND a.backend_start <= c.claimed_at",
+            self.claims
+        )))
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?;
+        if ended.iter().any(|(done,)| *done) {
+            tracing::warn!("the claim's lease expired: ended the holder's session; its transaction rolls back");
+        }
+        Ok(())
     }
 
     pub async fn reset_failed(&self, source: &str, key: &str) -> Result<u64, sqlx::Error> {
@@ -109,11 +232,12 @@ impl PgSink {
         let id = file.id();
         let db = |e| db_error(e, Stage::Database);
 
-        // Committed on its own: inserting it inside the load transaction would make a second
-        // replica block on the uniqueness check until the first one's load ends.
+        // Committed on its own, and only when the row is not there yet: an INSERT that meets the
+        // row while another load holds it (uncommitted) would wait for that load to end.
         sqlx::query(AssertSqlSafe(format!(
             "INSERT INTO {ledger} (file_id, source, object_key, etag, state, byte_count)
-             VALUES ($1, $2, $3, $4, 'pending', $5) ON CONFLICT (file_id) DO NOTHING"
+             SELECT $1, $2, $3, $4, 'pending', $5 WHERE NOT EXISTS (SELECT 1 FROM {ledger} WHERE file_id = $1)
+             ON CONFLICT (file_id) DO NOTHING"
         )))
         .bind(&id)
         .bind(file.source)
@@ -125,28 +249,50 @@ impl PgSink {
         .map_err(db)?;
 
         let mut tx = self.pool.begin().await.map_err(db)?;
-        let row: Option<(String, Option<i64>, Option<String>)> = sqlx::query_as(AssertSqlSafe(format!(
-            "SELECT state, row_count, error FROM {ledger} WHERE file_id = $1 FOR UPDATE SKIP LOCKED"
+        let row: Option<LedgerRow> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT state, row_count, error, attempts::bigint, history FROM {ledger} WHERE file_id = $1 FOR UPDATE SKIP LOCKED"
         )))
         .bind(&id)
         .fetch_optional(&mut *tx)
         .await
         .map_err(db)?;
-        let Some((current, rows, error)) = row else {
+        let Some((current, rows, error, attempts, history)) = row else {
+            drop(tx);
+            self.take_over_if_expired(&id).await.map_err(db)?;
             return Ok(LoadOutcome::Busy);
         };
         if let Some(done) = outcome_of_state(&current, rows, error) {
             return Ok(done);
         }
-        sqlx::query(AssertSqlSafe(format!(
-            "UPDATE {ledger} SET attempts = attempts + 1, claimed_by = $2, updated_at = now() WHERE file_id = $1"
-        )))
-        .bind(&id)
-        .bind(&self.options.owner)
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?;
+        if attempts >= i64::from(self.options.max_attempts) {
+            let error = retries_exhausted(attempts, history.as_deref());
+            self.mark_failed(&mut tx, &id, &error, target.as_ref().ok()).await?;
+            tx.commit().await.map_err(db)?;
+            return Ok(LoadOutcome::Failed(error));
+        }
+        // Nothing is written to the ledger row until the load ends: writing it now would make
+        // other loaders' statements that meet the row wait for this load.
+        let (pid, heartbeat) = self.hold_claim(&id, &mut tx).await.map_err(db)?;
+        let outcome = self.load_claimed(tx, &id, target, open).await;
+        drop(heartbeat);
+        self.release_claim(&id, pid).await;
+        outcome
+    }
 
+    /// Steps 4 and 5 of the module docs, on a claimed file.
+    async fn load_claimed<F, Fut>(
+        &self,
+        mut tx: Transaction<'static, Postgres>,
+        id: &str,
+        target: Result<String, FileError>,
+        open: F,
+    ) -> Result<LoadOutcome, LoadError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<Decoded, LoadError>>,
+    {
+        let ledger = &self.options.ledger;
+        let db = |e| db_error(e, Stage::Database);
         sqlx::query("SAVEPOINT file_rows").execute(&mut *tx).await.map_err(db)?;
         let table = target.as_ref().ok().cloned();
         match self.copy_rows(&mut tx, target, open).await {
@@ -157,12 +303,14 @@ impl PgSink {
                     .map_err(db)?;
                 sqlx::query(AssertSqlSafe(format!(
                     "UPDATE {ledger} SET state = '{}', row_count = $2, target_table = $3, error = NULL,
-                     loaded_at = now(), updated_at = now() WHERE file_id = $1",
+                     attempts = attempts + 1, claimed_by = $4, loaded_at = now(), updated_at = now()
+                     WHERE file_id = $1",
                     state::LOADED
                 )))
-                .bind(&id)
+                .bind(id)
                 .bind(rows as i64)
                 .bind(table)
+                .bind(&self.options.owner)
                 .execute(&mut *tx)
                 .await
                 .map_err(db)?;
@@ -174,22 +322,58 @@ impl PgSink {
                     .execute(&mut *tx)
                     .await
                     .map_err(db)?;
-                sqlx::query(AssertSqlSafe(format!(
-                    "UPDATE {ledger} SET state = '{}', error = $2, target_table = $3, updated_at = now() WHERE file_id = $1",
-                    state::FAILED
-                )))
-                .bind(&id)
-                .bind(serde_json::to_string(&error).unwrap_or_default())
-                .bind(table)
-                .execute(&mut *tx)
-                .await
-                .map_err(db)?;
+                self.mark_failed(&mut tx, id, &error, table.as_ref()).await?;
                 tx.commit().await.map_err(db)?;
                 Ok(LoadOutcome::Failed(error))
             }
             // Dropping the transaction rolls it back: nothing of the file stays.
             Err(transient) => Err(transient),
         }
+    }
+
+    async fn mark_failed(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        id: &str,
+        error: &FileError,
+        table: Option<&String>,
+    ) -> Result<(), LoadError> {
+        sqlx::query(AssertSqlSafe(format!(
+            "UPDATE {} SET state = '{}', error = $2, target_table = $3, attempts = attempts + 1, claimed_by = $4,
+             updated_at = now() WHERE file_id = $1",
+            self.options.ledger,
+            state::FAILED
+        )))
+        .bind(id)
+        .bind(serde_json::to_string(error).unwrap_or_default())
+        .bind(table)
+        .bind(&self.options.owner)
+        .execute(&mut **tx)
+        .await
+        .map_err(|e| db_error(e, Stage::Database))?;
+        Ok(())
+    }
+
+    pub async fn record_transient(&self, file: FileRef<'_>, stage: Stage, message: &str) -> Result<(), sqlx::Error> {
+        let ledger = &self.options.ledger;
+        let mut tx = self.pool.begin().await?;
+        // SKIP LOCKED: if another loader holds the file now, its attempt is the one that counts.
+        let history: Option<(Option<String>,)> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT history FROM {ledger} WHERE file_id = $1 AND state = 'pending' FOR UPDATE SKIP LOCKED"
+        )))
+        .bind(file.id())
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some((history,)) = history {
+            sqlx::query(AssertSqlSafe(format!(
+                "UPDATE {ledger} SET attempts = attempts + 1, history = $2, updated_at = now() WHERE file_id = $1"
+            )))
+            .bind(file.id())
+            .bind(append_history(history.as_deref(), stage, message))
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await
     }
 
     /// Checks or creates the table and streams the file into it with COPY. Returns the row count.
@@ -211,6 +395,9 @@ impl PgSink {
         let columns = file_columns(&decoded.header)?;
         let first = decoded.next_batch().await?;
         let existing = self.table_columns(tx, &table).await?;
+        if first.is_none() && existing.is_none() {
+            return Ok(0); // header only: no rows, and no sample to create the table from
+        }
         let plan = plan_table(
             &table,
             &columns,

@@ -11,7 +11,8 @@ use sqlx::{AssertSqlSafe, Sqlite, Transaction};
 use tokio::sync::Mutex;
 
 use super::{
-    FileRef, LoadOutcome, SinkOptions, db_error, file_columns, outcome_of_state, plan_table, quote_ident, state,
+    FileRef, LedgerRow, LoadOutcome, SinkOptions, append_history, db_error, file_columns, outcome_of_state, plan_table,
+    quote_ident, retries_exhausted, state,
 };
 use crate::config::Config;
 use crate::error::{FileError, FileErrorKind, LoadError, Stage};
@@ -77,6 +78,7 @@ impl SqliteSink {
                 byte_count    INTEGER NOT NULL,
                 attempts      INTEGER NOT NULL DEFAULT 0,
                 error         TEXT,
+                history       TEXT,
                 claimed_by    TEXT,
                 first_seen_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP,
                 loaded_at     TEXT,
@@ -141,8 +143,8 @@ impl SqliteSink {
         .execute(&mut *tx)
         .await
         .map_err(db)?;
-        let (current, rows, error): (String, Option<i64>, Option<String>) = sqlx::query_as(AssertSqlSafe(format!(
-            "SELECT state, row_count, error FROM {ledger} WHERE file_id = ?"
+        let (current, rows, error, attempts, history): LedgerRow = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT state, row_count, error, attempts, history FROM {ledger} WHERE file_id = ?"
         )))
         .bind(&id)
         .fetch_one(&mut *tx)
@@ -150,6 +152,12 @@ impl SqliteSink {
         .map_err(db)?;
         if let Some(done) = outcome_of_state(&current, rows, error) {
             return Ok(done);
+        }
+        if attempts >= i64::from(self.options.max_attempts) {
+            let error = retries_exhausted(attempts, history.as_deref());
+            self.mark_failed(&mut tx, &id, &error, target.as_ref().ok()).await?;
+            tx.commit().await.map_err(db)?;
+            return Ok(LoadOutcome::Failed(error));
         }
         sqlx::query(AssertSqlSafe(format!(
             "UPDATE {ledger} SET attempts = attempts + 1, claimed_by = ?, updated_at = CURRENT_TIMESTAMP WHERE file_id = ?"
@@ -187,21 +195,55 @@ impl SqliteSink {
                     .execute(&mut *tx)
                     .await
                     .map_err(db)?;
-                sqlx::query(AssertSqlSafe(format!(
-                    "UPDATE {ledger} SET state = '{}', error = ?, target_table = ?, updated_at = CURRENT_TIMESTAMP WHERE file_id = ?",
-                    state::FAILED
-                )))
-                .bind(serde_json::to_string(&error).unwrap_or_default())
-                .bind(table)
-                .bind(&id)
-                .execute(&mut *tx)
-                .await
-                .map_err(db)?;
+                self.mark_failed(&mut tx, &id, &error, table.as_ref()).await?;
                 tx.commit().await.map_err(db)?;
                 Ok(LoadOutcome::Failed(error))
             }
             Err(transient) => Err(transient),
         }
+    }
+
+    async fn mark_failed(
+        &self,
+        tx: &mut Transaction<'static, Sqlite>,
+        id: &str,
+        error: &FileError,
+        table: Option<&String>,
+    ) -> Result<(), LoadError> {
+        sqlx::query(AssertSqlSafe(format!(
+            "UPDATE {} SET state = '{}', error = ?, target_table = ?, updated_at = CURRENT_TIMESTAMP WHERE file_id = ?",
+            self.options.ledger,
+            state::FAILED
+        )))
+        .bind(serde_json::to_string(error).unwrap_or_default())
+        .bind(table)
+        .bind(id)
+        .execute(&mut **tx)
+        .await
+        .map_err(|e| db_error(e, Stage::Database))?;
+        Ok(())
+    }
+
+    pub async fn record_transient(&self, file: FileRef<'_>, stage: Stage, message: &str) -> Result<(), sqlx::Error> {
+        let ledger = &self.options.ledger;
+        let _writer = self.write_lock.lock().await;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let history: Option<(Option<String>,)> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT history FROM {ledger} WHERE file_id = ? AND state = 'pending'"
+        )))
+        .bind(file.id())
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some((history,)) = history {
+            sqlx::query(AssertSqlSafe(format!(
+                "UPDATE {ledger} SET attempts = attempts + 1, history = ?, updated_at = CURRENT_TIMESTAMP WHERE file_id = ?"
+            )))
+            .bind(append_history(history.as_deref(), stage, message))
+            .bind(file.id())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await
     }
 
     async fn insert_rows<F, Fut>(

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use chrono::{DateTime, Utc};
 use tokio::io::AsyncRead;
 
-use super::{FAILED, INCOMING, MoveOutcome, ObjectMeta, PROCESSED, SourceError};
+use super::{FAILED, INCOMING, MoveAs, ObjectMeta, PROCESSED, SourceError};
 
 pub struct LocalSource {
     root: PathBuf,
@@ -93,13 +93,16 @@ impl LocalSource {
         Ok(Box::new(file))
     }
 
-    pub async fn rename(&self, from: &str, to: &str, obj: &ObjectMeta) -> Result<MoveOutcome, SourceError> {
+    /// Moves `from/K` to `to/name` unless `to/name` exists: a hard link (which fails when the
+    /// name is taken, atomically) then removing the source. A crash between the two leaves
+    /// both names on one file, which the next attempt recognizes as the same version.
+    pub async fn move_as(&self, from: &str, to: &str, obj: &ObjectMeta, name: &str) -> Result<MoveAs, SourceError> {
         let src = self.path(from, &obj.key)?;
-        let dest = self.path(to, &obj.key)?;
+        let dest = self.path(to, name)?;
         match tokio::fs::symlink_metadata(&src).await {
             Ok(meta) if etag_of(&meta) == obj.etag => {}
-            Ok(_) => return Ok(MoveOutcome::SourceGone),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(MoveOutcome::SourceGone),
+            Ok(_) => return Ok(MoveAs::SourceGone),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(MoveAs::SourceGone),
             Err(e) => return Err(classify(e, &src)),
         }
         if let Some(parent) = dest.parent() {
@@ -107,13 +110,49 @@ impl LocalSource {
                 .await
                 .map_err(|e| classify(e, parent))?;
         }
-        match tokio::fs::rename(&src, &dest).await {
-            Ok(()) => {
-                prune_empty_dirs(&src, &self.root.join(from.trim_end_matches('/'))).await;
-                Ok(MoveOutcome::Moved)
+        match tokio::fs::hard_link(&src, &dest).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                let found = tokio::fs::symlink_metadata(&dest)
+                    .await
+                    .map_err(|e| classify(e, &dest))?;
+                return Ok(MoveAs::Taken {
+                    identical: etag_of(&found) == obj.etag,
+                });
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(MoveOutcome::SourceGone),
-            Err(e) => Err(classify(e, &src)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(MoveAs::SourceGone),
+            Err(e) => return Err(classify(e, &src)),
+        }
+        self.delete_version(from, obj).await?;
+        Ok(MoveAs::Moved)
+    }
+
+    /// Removes `from/K` if it still is this version.
+    pub async fn delete_version(&self, from: &str, obj: &ObjectMeta) -> Result<(), SourceError> {
+        let src = self.path(from, &obj.key)?;
+        match tokio::fs::symlink_metadata(&src).await {
+            Ok(meta) if etag_of(&meta) == obj.etag => {}
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(classify(e, &src)),
+        }
+        match tokio::fs::remove_file(&src).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(classify(e, &src)),
+        }
+        prune_empty_dirs(&src, &self.root.join(from.trim_end_matches('/'))).await;
+        Ok(())
+    }
+
+    /// The version tag of the file at `path` (relative to the root), if there is one.
+    pub async fn etag_at(&self, path: &str) -> Result<Option<String>, SourceError> {
+        let (prefix, key) = path.split_once('/').unwrap_or(("", path));
+        let target = self.path(prefix, key)?;
+        match tokio::fs::symlink_metadata(&target).await {
+            Ok(meta) => Ok(Some(etag_of(&meta))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(classify(e, &target)),
         }
     }
 
@@ -163,7 +202,8 @@ fn classify(e: io::Error, path: &Path) -> SourceError {
     }
 }
 
-/// Size and modification time: changes whenever a producer rewrites the file.
+/// Size and modification time: changes whenever a producer rewrites the file. (No `-` in it:
+/// see [`super::same_version`].)
 fn etag_of(meta: &std::fs::Metadata) -> String {
     let nanos = meta
         .modified()
@@ -171,7 +211,7 @@ fn etag_of(meta: &std::fs::Metadata) -> String {
         .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
         .map(|d| d.as_nanos())
         .unwrap_or(0);
-    format!("{:x}-{:x}", meta.len(), nanos)
+    format!("{:x}.{:x}", meta.len(), nanos)
 }
 
 fn walk(dir: &Path, rel: &str, settle: Duration, now: SystemTime, out: &mut Vec<ObjectMeta>) -> io::Result<()> {

@@ -43,12 +43,41 @@ impl Area {
 }
 
 /// What a move did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MoveOutcome {
-    Moved,
+    /// Now at `area/to` (`to` is the key, or [`alternative_name`] when the key was taken by
+    /// another version).
+    Moved { to: String },
     /// `incoming/K` no longer holds the version that was loaded (already moved by another
     /// replica, or overwritten by a producer); nothing was touched.
     SourceGone,
+}
+
+/// What one backend attempt to move under a given name did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MoveAs {
+    Moved,
+    SourceGone,
+    /// The destination exists; `identical` when it holds this very version (an earlier move
+    /// copied it and then stopped before deleting the source).
+    Taken {
+        identical: bool,
+    },
+}
+
+/// Where a file goes when its key is already taken under the destination by another version:
+/// the key plus a tag of the version (`orders/a.csv.3f2a9c...`), so nothing is overwritten and
+/// the prefix is kept.
+pub fn alternative_name(obj: &ObjectMeta) -> String {
+    let tag: String = obj.etag.chars().filter(char::is_ascii_alphanumeric).take(16).collect();
+    format!("{}.{tag}", obj.key)
+}
+
+/// Whether an object found at the destination is the same version as `etag`. A multipart ETag
+/// (`...-N`) changes when copied, so it never matches: the copy then goes to the alternative
+/// name instead, which wastes an object but never loses one.
+pub fn same_version(found: &str, etag: &str) -> bool {
+    found == etag && !etag.contains('-')
 }
 
 /// A failure talking to the store, classified.
@@ -128,20 +157,78 @@ impl Source {
         }
     }
 
-    /// Moves `incoming/K` (the listed version only) to `area/K`.
+    /// Moves `incoming/K` (the listed version only) to `area/K`, or to `area/`
+    /// [`alternative_name`] when `area/K` holds another version: nothing is ever overwritten.
     pub async fn move_to(&self, obj: &ObjectMeta, area: Area) -> Result<MoveOutcome, SourceError> {
-        match self {
-            Source::Local(s) => s.rename(INCOMING, area.prefix(), obj).await,
-            Source::S3(s) => s.rename(INCOMING, area.prefix(), obj).await,
-        }
+        self.move_between(INCOMING, area.prefix(), obj).await
     }
 
-    /// Moves `failed/K` back to `incoming/K`.
+    /// Moves `failed/K` back to `incoming/K` (or its alternative name).
     pub async fn move_back(&self, obj: &ObjectMeta) -> Result<MoveOutcome, SourceError> {
-        match self {
-            Source::Local(s) => s.rename(FAILED, INCOMING, obj).await,
-            Source::S3(s) => s.rename(FAILED, INCOMING, obj).await,
+        self.move_between(FAILED, INCOMING, obj).await
+    }
+
+    async fn move_between(&self, from: &str, to: &str, obj: &ObjectMeta) -> Result<MoveOutcome, SourceError> {
+        for name in [obj.key.clone(), alternative_name(obj)] {
+            if let Some(outcome) = self.move_named(from, to, obj, &name).await? {
+                return Ok(outcome);
+            }
         }
+        Err(SourceError::Transient(format!(
+            "{to}{} and {to}{} are both taken by other versions",
+            obj.key,
+            alternative_name(obj)
+        )))
+    }
+
+    /// Moves `incoming/K` to exactly `area/name`; `None` when that name holds another version.
+    pub async fn move_to_name(
+        &self,
+        obj: &ObjectMeta,
+        area: Area,
+        name: &str,
+    ) -> Result<Option<MoveOutcome>, SourceError> {
+        self.move_named(INCOMING, area.prefix(), obj, name).await
+    }
+
+    async fn move_named(
+        &self,
+        from: &str,
+        to: &str,
+        obj: &ObjectMeta,
+        name: &str,
+    ) -> Result<Option<MoveOutcome>, SourceError> {
+        let attempt = match self {
+            Source::Local(s) => s.move_as(from, to, obj, name).await?,
+            Source::S3(s) => s.move_as(from, to, obj, name).await?,
+        };
+        Ok(match attempt {
+            MoveAs::Moved => Some(MoveOutcome::Moved { to: name.to_string() }),
+            MoveAs::SourceGone => Some(MoveOutcome::SourceGone),
+            MoveAs::Taken { identical: true } => {
+                // Copied earlier, source not deleted then: finish the move.
+                match self {
+                    Source::Local(s) => s.delete_version(from, obj).await?,
+                    Source::S3(s) => s.delete_version(from, obj).await?,
+                }
+                Some(MoveOutcome::Moved { to: name.to_string() })
+            }
+            MoveAs::Taken { identical: false } => None,
+        })
+    }
+
+    /// A name under `area` for this version that no other version holds: the key, or its
+    /// [`alternative_name`]. (For failed files, whose report must be written before the move.)
+    pub async fn free_name(&self, area: Area, obj: &ObjectMeta) -> Result<String, SourceError> {
+        let path = format!("{}{}", area.prefix(), obj.key);
+        let found = match self {
+            Source::Local(s) => s.etag_at(&path).await?,
+            Source::S3(s) => s.etag_at(&path).await?,
+        };
+        Ok(match found {
+            Some(etag) if !same_version(&etag, &obj.etag) => alternative_name(obj),
+            _ => obj.key.clone(),
+        })
     }
 
     /// Writes a small object (a failure report) at `path` relative to the root.

@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use tokio::io::AsyncRead;
 
-use super::{INCOMING, MoveOutcome, ObjectMeta, SourceError};
+use super::{INCOMING, MoveAs, ObjectMeta, SourceError};
 use crate::config::SourceConfig;
 
 /// Characters left as they are in a CopyObject copy source: RFC 3986 unreserved, and `/`.
@@ -136,9 +136,19 @@ impl S3Source {
         Ok(Box::new(response.body.into_async_read()))
     }
 
-    pub async fn rename(&self, from: &str, to: &str, obj: &ObjectMeta) -> Result<MoveOutcome, SourceError> {
+    /// CopyObject to `to/name` only if that name is free (HEAD, then `If-None-Match: *`) and the source is
+    /// still the loaded version (`x-amz-copy-source-if-match`), then DeleteObject guarded by
+    /// the same ETag.
+    pub async fn move_as(&self, from: &str, to: &str, obj: &ObjectMeta, name: &str) -> Result<MoveAs, SourceError> {
         let src = format!("{}{from}{}", self.root, obj.key);
-        let dest = format!("{}{to}{}", self.root, obj.key);
+        let dest = format!("{}{to}{name}", self.root);
+        // A HEAD first: not every S3-compatible store honours If-None-Match on CopyObject
+        // (moto does not); the condition on the copy still closes the race where S3 does.
+        if let Some(found) = self.head_etag(&dest).await? {
+            return Ok(MoveAs::Taken {
+                identical: super::same_version(&found, &obj.etag),
+            });
+        }
         // The SDK does not encode the copy source: it must be `bucket/` + the encoded key.
         let copy_source = format!("{}/{}", self.bucket, utf8_percent_encode(&src, COPY_SOURCE));
         let copied = self
@@ -148,14 +158,36 @@ impl S3Source {
             .key(&dest)
             .copy_source(copy_source)
             .copy_source_if_match(&obj.etag)
+            .if_none_match("*")
             .send()
             .await;
         if let Err(e) = copied {
-            return match classify(e, &format!("copying s3://{}/{src} to {dest}", self.bucket)) {
-                SourceError::Gone(_) => Ok(MoveOutcome::SourceGone),
+            let what = format!("copying s3://{}/{src} to {dest}", self.bucket);
+            return match classify(e, &what) {
+                // 412 means the source changed or the destination exists: find out which.
+                SourceError::Gone(_) => {
+                    if self.head_etag(&src).await?.as_deref() != Some(obj.etag.as_str()) {
+                        Ok(MoveAs::SourceGone)
+                    } else if let Some(found) = self.head_etag(&dest).await? {
+                        Ok(MoveAs::Taken {
+                            identical: super::same_version(&found, &obj.etag),
+                        })
+                    } else {
+                        Err(SourceError::Transient(format!(
+                            "{what}: precondition failed; will retry"
+                        )))
+                    }
+                }
                 other => Err(other),
             };
         }
+        self.delete_version(from, obj).await?;
+        Ok(MoveAs::Moved)
+    }
+
+    /// Deletes `from/K` only if it still is this version (`If-Match`).
+    pub async fn delete_version(&self, from: &str, obj: &ObjectMeta) -> Result<(), SourceError> {
+        let src = format!("{}{from}{}", self.root, obj.key);
         let deleted = self
             .client
             .delete_object()
@@ -165,16 +197,21 @@ impl S3Source {
             .send()
             .await;
         match deleted {
-            Ok(_) => Ok(MoveOutcome::Moved),
+            Ok(_) => Ok(()),
             Err(e) => match classify(e, &format!("deleting s3://{}/{src}", self.bucket)) {
                 // Overwritten by a producer after the copy: the new version stays for its own load.
                 SourceError::Gone(m) => {
                     tracing::info!(s3.key = %src, reason = %m, "left a newer version in place after moving the loaded one");
-                    Ok(MoveOutcome::Moved)
+                    Ok(())
                 }
                 other => Err(other),
             },
         }
+    }
+
+    /// The ETag of the object at `path` (relative to the root), if there is one.
+    pub async fn etag_at(&self, path: &str) -> Result<Option<String>, SourceError> {
+        self.head_etag(&format!("{}{path}", self.root)).await
     }
 
     pub async fn put(&self, path: &str, body: Vec<u8>) -> Result<(), SourceError> {
