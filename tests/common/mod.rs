@@ -373,6 +373,9 @@ impl Loader {
 
 impl Drop for Loader {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- log of the loader on port {} ----\n{}", self.port, self.log());
+        }
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -394,3 +397,4 @@ pub fn orders_csv(first: u64, rows: u64) -> String {
     }
     s
 }
+pub mod faults;
