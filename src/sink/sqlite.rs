@@ -273,8 +273,11 @@ impl SqliteSink {
             existing
                 .into_iter()
                 .map(|(n, t)| (n.to_ascii_lowercase(), affinity(&t)))
-                .collect()
+                .collect::<Vec<_>>()
         });
+        if first.is_none() && existing.is_none() {
+            return Ok(0); // header only: no rows, and no sample to create the table from
+        }
         let plan = plan_table(
             &table,
             &columns,
