@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use crate::cloudwatch::Publisher;
 use crate::config::Config;
 use crate::format::CsvOptions;
 use crate::http::{self, AppState};
@@ -25,6 +26,7 @@ pub struct App {
     source: Arc<Source>,
     db: Arc<Database>,
     status: Arc<Status>,
+    publisher: Option<Arc<Publisher>>,
     listener: Option<TcpListener>,
 }
 
@@ -55,8 +57,16 @@ impl App {
         } else {
             None
         };
+        let max_age = config.health.max_backlog_age;
+        let status = Arc::new(Status::new(&config.pipeline, (!max_age.is_zero()).then_some(max_age)));
+        let publisher = if config.cloudwatch.enabled {
+            Some(Arc::new(Publisher::new(&config, status.clone()).await))
+        } else {
+            None
+        };
         Ok(App {
-            status: Arc::new(Status::new(&config.pipeline)),
+            status,
+            publisher,
             config,
             source,
             db,
@@ -88,7 +98,7 @@ impl App {
 
     /// The daemon: ticks until `stop` is cancelled, then drains within `shutdown.grace`.
     pub async fn run_until_stopped(self, stop: CancellationToken) -> anyhow::Result<()> {
-        let scheduler = Scheduler::new(&self.config, self.worker(), stop.clone());
+        let scheduler = Scheduler::new(&self.config, self.worker(), stop.clone(), self.publisher.clone());
         let http_stop = CancellationToken::new();
         let server = match self.listener {
             Some(listener) => {
@@ -99,6 +109,7 @@ impl App {
                     db: self.db.clone(),
                     liveness_window: self.config.schedule.interval * 3 + Duration::from_secs(60),
                     secrets: Arc::new(vec![self.config.database.url.expose_secret().to_string()]),
+                    fail_readiness_when_degraded: self.config.health.fail_readiness_when_degraded,
                 };
                 let shutdown = http_stop.clone();
                 Some(tokio::spawn(async move {
@@ -135,7 +146,7 @@ impl App {
     /// One tick, waiting for every load it started.
     pub async fn run_once(self) -> anyhow::Result<OnceSummary> {
         let stop = CancellationToken::new();
-        let scheduler = Scheduler::new(&self.config, self.worker(), stop);
+        let scheduler = Scheduler::new(&self.config, self.worker(), stop, None);
         let handles = scheduler.tick().await;
         let snapshot = self.status.snapshot();
         if let Some(tick) = snapshot.last_tick.as_ref().filter(|t| t.result != "ok") {
@@ -156,6 +167,10 @@ impl App {
                 FileOutcome::Retry { .. } | FileOutcome::NotStarted => summary.retry += 1,
                 FileOutcome::Busy => summary.busy += 1,
             }
+        }
+        if let Some(publisher) = &self.publisher {
+            // After the loads, so the figures include them; the call has its own timeout.
+            let _ = publisher.publish().await;
         }
         self.db.close().await;
         Ok(summary)
@@ -195,10 +210,25 @@ impl App {
         let mut failed: Vec<_> = failed.into_iter().filter(|o| !o.key.ends_with(".error.json")).collect();
         failed.sort_by_key(|o| std::cmp::Reverse(o.last_modified));
         out.push_str(&format!("failed:   {} file(s) in {FAILED}\n", failed.len()));
+        if !failed.is_empty() {
+            out.push_str("latest failures:\n");
+        }
         for f in failed.iter().take(10) {
+            let report = format!("{FAILED}{}.error.json", f.key);
+            let reason = match self.source.read(&report).await {
+                Ok(bytes) => serde_json::from_slice::<serde_json::Value>(&bytes)
+                    .ok()
+                    .and_then(|r| {
+                        let e = &r["error"];
+                        Some(format!("{}: {}", e["kind"].as_str()?, e["message"].as_str()?))
+                    })
+                    .unwrap_or_else(|| "unreadable report".into()),
+                Err(e) => format!("no report ({e})"),
+            };
             out.push_str(&format!(
-                "  {}  {FAILED}{}  (report: {FAILED}{}.error.json)\n",
-                f.last_modified, f.key, f.key
+                "  {}  {FAILED}{}\n      {reason}\n",
+                f.last_modified.format("%Y-%m-%d %H:%M:%S"),
+                f.key
             ));
         }
         Ok(out)

@@ -28,6 +28,7 @@ pub struct Config {
     pub cloudwatch: CloudWatchConfig,
     pub retry: RetryConfig,
     pub claim: ClaimConfig,
+    pub health: HealthConfig,
 }
 
 impl Default for Config {
@@ -45,6 +46,7 @@ impl Default for Config {
             cloudwatch: CloudWatchConfig::default(),
             retry: RetryConfig::default(),
             claim: ClaimConfig::default(),
+            health: HealthConfig::default(),
         }
     }
 }
@@ -282,7 +284,28 @@ impl Default for ClaimConfig {
     }
 }
 
-/// CloudWatch custom metrics, published after every tick.
+/// Data freshness.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// When the oldest unprocessed file is older than this, `/status` says `"freshness":
+    /// "degraded"` (and `/metrics` `s3_sql_loader_freshness_degraded 1`). `0s` turns it off.
+    #[serde(with = "duration")]
+    pub max_backlog_age: Duration,
+    /// Also make `/readyz` fail (503) while freshness is degraded.
+    pub fail_readiness_when_degraded: bool,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            max_backlog_age: Duration::from_secs(900),
+            fail_readiness_when_degraded: false,
+        }
+    }
+}
+
+/// CloudWatch custom metrics, published at every tick.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CloudWatchConfig {

@@ -57,6 +57,30 @@ pub enum FileErrorKind {
     RetriesExhausted,
 }
 
+impl FileErrorKind {
+    /// The snake_case name, as in reports and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FileErrorKind::Decode => "decode",
+            FileErrorKind::UnsafeName => "unsafe_name",
+            FileErrorKind::Schema => "schema",
+            FileErrorKind::Type => "type",
+            FileErrorKind::Database => "database",
+            FileErrorKind::Source => "source",
+            FileErrorKind::RetriesExhausted => "retries_exhausted",
+        }
+    }
+
+    /// Where in a file's journey this kind of error shows up.
+    pub fn stage(self) -> Stage {
+        match self {
+            FileErrorKind::Decode => Stage::Decode,
+            FileErrorKind::Source | FileErrorKind::RetriesExhausted => Stage::Get,
+            _ => Stage::Database,
+        }
+    }
+}
+
 impl FileError {
     pub fn new(kind: FileErrorKind, message: impl Into<String>) -> Self {
         Self {
@@ -154,11 +178,7 @@ impl LoadError {
     pub fn stage(&self) -> Stage {
         match self {
             LoadError::Transient { stage, .. } => *stage,
-            LoadError::Permanent(e) => match e.kind {
-                FileErrorKind::Decode => Stage::Decode,
-                FileErrorKind::Source => Stage::Get,
-                _ => Stage::Database,
-            },
+            LoadError::Permanent(e) => e.kind.stage(),
         }
     }
 }

@@ -1,5 +1,5 @@
-//! The HTTP surface: `/healthz` (the scheduler loop is alive), `/readyz` (store and database
-//! reachable), `/status` (JSON), `/metrics` (Prometheus text). Nothing here ever shows a secret:
+//! The HTTP surface: `/` (a status page for people), `/healthz` (the scheduler loop is alive),
+//! `/readyz` (store and database reachable), `/status` (JSON), `/metrics` (Prometheus text). Nothing here ever shows a secret:
 //! errors shown are the store's and database's messages, scrubbed of the database URL.
 
 use std::sync::Arc;
@@ -28,10 +28,13 @@ pub struct AppState {
     pub liveness_window: Duration,
     /// Strings that must never appear in a response (the database URL).
     pub secrets: Arc<Vec<String>>,
+    /// `/readyz` fails while data freshness is degraded.
+    pub fail_readiness_when_degraded: bool,
 }
 
 pub fn router(state: AppState) -> Router {
     Router::new()
+        .route("/", get(page))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/status", get(status))
@@ -72,14 +75,25 @@ async fn readyz(State(state): State<AppState>) -> Response {
         Ok(()) => json!({"ok": true}),
         Err(e) => json!({"ok": false, "error": crate::redact::scrub(e, &secrets)}),
     };
-    let ready = store.is_ok() && db.is_ok();
-    let body = json!({"ready": ready, "checks": {"store": describe(&store), "database": describe(&db)}});
+    let freshness = state.status.snapshot().freshness;
+    let fresh_enough = !(state.fail_readiness_when_degraded && freshness == "degraded");
+    let ready = store.is_ok() && db.is_ok() && fresh_enough;
+    let body = json!({
+        "ready": ready,
+        "freshness": freshness,
+        "checks": {"store": describe(&store), "database": describe(&db)},
+    });
     let code = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (code, Json(body)).into_response()
+}
+
+async fn page(State(state): State<AppState>) -> Response {
+    let html = crate::page::render(&state.status.snapshot(), &state.status.samples(), chrono::Utc::now());
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], html).into_response()
 }
 
 async fn status(State(state): State<AppState>) -> Response {

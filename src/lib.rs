@@ -18,10 +18,13 @@
 //! `incoming/` for a later tick, permanent ones send it to `failed/`.
 
 pub mod app;
+pub mod cloudwatch;
 pub mod config;
 pub mod error;
 pub mod format;
 pub mod http;
+pub mod metrics;
+pub mod page;
 pub mod redact;
 pub mod scheduler;
 pub mod schema;

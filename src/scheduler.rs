@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, error, info, info_span};
 
+use crate::cloudwatch::Publisher;
 use crate::config::Config;
 use crate::source::{INCOMING, ObjectMeta};
 use crate::status::TickReport;
@@ -41,6 +42,7 @@ pub struct Scheduler {
     ledger_ready: AtomicBool,
     tracker: TaskTracker,
     stop: CancellationToken,
+    publisher: Option<Arc<Publisher>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -50,7 +52,12 @@ struct Backoff {
 }
 
 impl Scheduler {
-    pub fn new(config: &Config, worker: Arc<Worker>, stop: CancellationToken) -> Scheduler {
+    pub fn new(
+        config: &Config,
+        worker: Arc<Worker>,
+        stop: CancellationToken,
+        publisher: Option<Arc<Publisher>>,
+    ) -> Scheduler {
         let per_second = NonZeroU32::new(config.workers.files_per_second).unwrap_or(NonZeroU32::MIN);
         Scheduler {
             worker,
@@ -65,6 +72,7 @@ impl Scheduler {
             ledger_ready: AtomicBool::new(false),
             tracker: TaskTracker::new(),
             stop,
+            publisher,
         }
     }
 
@@ -79,13 +87,20 @@ impl Scheduler {
                 _ = interval.tick() => {}
             }
             self.worker.status.heartbeat();
+            if let Some(publisher) = &self.publisher {
+                publisher.publish(); // the previous tick's outcome; never waited for
+            }
             tokio::select! {
                 _ = self.stop.cancelled() => break,
                 _ = self.tick() => {}
             }
             self.worker.status.heartbeat();
         }
-        self.drain(grace).await
+        let abandoned = self.drain(grace).await;
+        if let Some(publisher) = &self.publisher {
+            let _ = publisher.publish().await; // the last figures; bounded by cloudwatch.timeout
+        }
+        abandoned
     }
 
     /// Waits up to `grace` for the tasks started so far; returns how many did not finish.
@@ -133,9 +148,12 @@ impl Scheduler {
     }
 
     async fn tick_inner(&self) -> (Result<(), String>, u64, Vec<JoinHandle<FileOutcome>>) {
+        let listing_started = Instant::now();
         let listing = match self.worker.source.list_incoming().await {
             Ok((listing, calls)) => {
-                self.worker.status.record_listing(&listing, calls);
+                self.worker
+                    .status
+                    .record_listing(&listing, calls, listing_started.elapsed());
                 listing
             }
             Err(e) => {

@@ -1,6 +1,7 @@
-//! What the loader is doing, for `/status`, `/metrics` and `/healthz`: the backlog as of the last
-//! listing (shrinking as files finish), loads in flight, totals, the last tick and the latest
-//! failures. Written by the scheduler and workers, read by the HTTP handlers.
+//! What the loader is doing, for `/status`, `/`, `/metrics` and `/healthz`: the backlog as of the
+//! last listing (shrinking as files finish), loads in flight, totals (from [`Metrics`]), the last
+//! ticks, the latest failures and an hour of backlog and throughput samples. Written by the
+//! scheduler and workers, read by the HTTP handlers.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -11,16 +12,24 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::error::FileError;
+use crate::metrics::{Gauges, Metrics};
 use crate::source::ObjectMeta;
 
-/// How many recent failures `/status` keeps.
+/// How many recent failures and ticks are kept.
 const RECENT_FAILURES: usize = 20;
+const RECENT_TICKS: usize = 10;
+/// How much history the status page charts.
+const HISTORY: chrono::TimeDelta = chrono::TimeDelta::hours(1);
+const MAX_SAMPLES: usize = 720;
 
 pub struct Status {
     pipeline: String,
     started_at: DateTime<Utc>,
     /// Unix milliseconds of the scheduler loop's last sign of life.
     heartbeat_ms: AtomicI64,
+    /// Data is "degraded" when the oldest unprocessed file is older than this.
+    max_backlog_age: Option<Duration>,
+    pub metrics: Metrics,
     inner: Mutex<Inner>,
 }
 
@@ -29,9 +38,18 @@ struct Inner {
     backlog: HashMap<String, (u64, DateTime<Utc>)>,
     listed_at: Option<DateTime<Utc>>,
     in_flight: u64,
-    totals: Totals,
-    last_tick: Option<TickReport>,
+    ticks: VecDeque<TickReport>,
     recent_failures: VecDeque<FailureReport>,
+    samples: VecDeque<Sample>,
+}
+
+/// One point of the status page's chart, taken at each listing.
+#[derive(Debug, Clone, Serialize)]
+pub struct Sample {
+    pub at: DateTime<Utc>,
+    pub backlog_files: u64,
+    /// Files loaded (total since start) at that time.
+    pub files_loaded: u64,
 }
 
 /// Counters since the process started.
@@ -76,9 +94,13 @@ pub struct StatusSnapshot {
     pub version: &'static str,
     pub started_at: DateTime<Utc>,
     pub backlog: Backlog,
+    /// `ok`, or `degraded` when the oldest unprocessed file is older than
+    /// `health.max_backlog_age`.
+    pub freshness: &'static str,
     pub in_flight: u64,
     pub totals: Totals,
     pub last_tick: Option<TickReport>,
+    pub recent_ticks: Vec<TickReport>,
     pub recent_failures: Vec<FailureReport>,
 }
 
@@ -93,17 +115,19 @@ pub struct Backlog {
 }
 
 impl Status {
-    pub fn new(pipeline: &str) -> Status {
+    pub fn new(pipeline: &str, max_backlog_age: Option<Duration>) -> Status {
         Status {
             pipeline: pipeline.to_string(),
             started_at: Utc::now(),
             heartbeat_ms: AtomicI64::new(Utc::now().timestamp_millis()),
+            max_backlog_age,
+            metrics: Metrics::new(),
             inner: Mutex::new(Inner::default()),
         }
     }
 
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
-        // A panic elsewhere while holding the lock leaves plain counters: still usable.
+        // A panic elsewhere while holding the lock leaves plain data: still usable.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -117,20 +141,39 @@ impl Status {
         Duration::from_millis(ms.max(0) as u64)
     }
 
-    pub fn record_listing(&self, listing: &[ObjectMeta], list_calls: u64) {
+    pub fn record_listing(&self, listing: &[ObjectMeta], list_calls: u64, took: Duration) {
+        self.metrics.observe_list(took, list_calls);
+        let now = Utc::now();
+        let loaded = Metrics::get(&self.metrics.files_loaded);
         let mut inner = self.inner();
         inner.backlog = listing
             .iter()
             .map(|o| (o.key.clone(), (o.size, o.last_modified)))
             .collect();
-        inner.listed_at = Some(Utc::now());
-        inner.totals.list_calls += list_calls;
+        inner.listed_at = Some(now);
+        let sample = Sample {
+            at: now,
+            backlog_files: listing.len() as u64,
+            files_loaded: loaded,
+        };
+        inner.samples.push_back(sample);
+        while inner.samples.len() > MAX_SAMPLES || inner.samples.front().is_some_and(|s| now - s.at > HISTORY) {
+            inner.samples.pop_front();
+        }
     }
 
     pub fn record_tick(&self, tick: TickReport) {
+        let counter = if tick.result == "ok" {
+            &self.metrics.ticks_ok
+        } else {
+            &self.metrics.ticks_failed
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
         let mut inner = self.inner();
-        inner.totals.ticks += 1;
-        inner.last_tick = Some(tick);
+        if inner.ticks.len() == RECENT_TICKS {
+            inner.ticks.pop_back();
+        }
+        inner.ticks.push_front(tick);
     }
 
     pub fn load_started(&self) {
@@ -142,23 +185,26 @@ impl Status {
         inner.in_flight = inner.in_flight.saturating_sub(1);
     }
 
-    /// The file left `incoming/`: loaded now or earlier.
-    pub fn file_loaded(&self, key: &str, rows: u64, bytes: u64, now: bool) {
-        let mut inner = self.inner();
-        inner.backlog.remove(key);
+    /// The file left `incoming/`: loaded now (`now`) or committed earlier.
+    pub fn file_loaded(&self, key: &str, rows: u64, bytes: u64, now: bool, took: Duration) {
+        let m = &self.metrics;
         if now {
-            inner.totals.files_loaded += 1;
-            inner.totals.rows_loaded += rows;
-            inner.totals.bytes_loaded += bytes;
+            m.files_loaded.fetch_add(1, Ordering::Relaxed);
+            m.rows_loaded.fetch_add(rows, Ordering::Relaxed);
+            m.bytes_loaded.fetch_add(bytes, Ordering::Relaxed);
         } else {
-            inner.totals.files_already_loaded += 1;
+            m.files_already_loaded.fetch_add(1, Ordering::Relaxed);
         }
+        m.observe_load(took);
+        self.inner().backlog.remove(key);
     }
 
-    pub fn file_failed(&self, key: &str, error: &FileError) {
+    pub fn file_failed(&self, key: &str, error: &FileError, stage: &'static str, took: Duration) {
+        self.metrics.files_failed.fetch_add(1, Ordering::Relaxed);
+        self.metrics.error(error.kind.as_str(), stage);
+        self.metrics.observe_load(took);
         let mut inner = self.inner();
         inner.backlog.remove(key);
-        inner.totals.files_failed += 1;
         if inner.recent_failures.len() == RECENT_FAILURES {
             inner.recent_failures.pop_back();
         }
@@ -169,14 +215,26 @@ impl Status {
         });
     }
 
-    pub fn transient_error(&self) {
-        self.inner().totals.transient_errors += 1;
+    pub fn transient_error(&self, stage: &'static str) {
+        self.metrics.retries.fetch_add(1, Ordering::Relaxed);
+        self.metrics.error("transient", stage);
+    }
+
+    /// The chart's samples, oldest first.
+    pub fn samples(&self) -> Vec<Sample> {
+        self.inner().samples.iter().cloned().collect()
     }
 
     pub fn snapshot(&self) -> StatusSnapshot {
+        let m = &self.metrics;
         let inner = self.inner();
         let now = Utc::now();
         let oldest = inner.backlog.values().map(|(_, t)| *t).min();
+        let oldest_age_seconds = oldest.map(|t| ((now - t).num_milliseconds().max(0) as f64) / 1000.0);
+        let degraded = match (self.max_backlog_age, oldest_age_seconds) {
+            (Some(max), Some(age)) => age > max.as_secs_f64(),
+            _ => false,
+        };
         StatusSnapshot {
             pipeline: self.pipeline.clone(),
             version: env!("CARGO_PKG_VERSION"),
@@ -184,95 +242,36 @@ impl Status {
             backlog: Backlog {
                 files: inner.backlog.len() as u64,
                 bytes: inner.backlog.values().map(|(s, _)| s).sum(),
-                oldest_age_seconds: oldest.map(|t| ((now - t).num_milliseconds().max(0) as f64) / 1000.0),
+                oldest_age_seconds,
                 listed_at: inner.listed_at,
             },
+            freshness: if degraded { "degraded" } else { "ok" },
             in_flight: inner.in_flight,
-            totals: inner.totals.clone(),
-            last_tick: inner.last_tick.clone(),
+            totals: Totals {
+                files_loaded: Metrics::get(&m.files_loaded),
+                rows_loaded: Metrics::get(&m.rows_loaded),
+                bytes_loaded: Metrics::get(&m.bytes_loaded),
+                files_failed: Metrics::get(&m.files_failed),
+                files_already_loaded: Metrics::get(&m.files_already_loaded),
+                transient_errors: Metrics::get(&m.retries),
+                ticks: Metrics::get(&m.ticks_ok) + Metrics::get(&m.ticks_failed),
+                list_calls: Metrics::get(&m.list_calls),
+            },
+            last_tick: inner.ticks.front().cloned(),
+            recent_ticks: inner.ticks.iter().cloned().collect(),
             recent_failures: inner.recent_failures.iter().cloned().collect(),
         }
     }
 
-    /// Prometheus text exposition of the snapshot.
+    /// Prometheus text: the counters and histograms, and the gauges as of now.
     pub fn prometheus(&self) -> String {
         let s = self.snapshot();
-        let mut out = String::new();
-        let mut metric = |name: &str, kind: &str, help: &str, value: String| {
-            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"));
-        };
-        metric(
-            "s3_sql_loader_files_loaded_total",
-            "counter",
-            "Files loaded and committed.",
-            s.totals.files_loaded.to_string(),
-        );
-        metric(
-            "s3_sql_loader_rows_loaded_total",
-            "counter",
-            "Rows committed.",
-            s.totals.rows_loaded.to_string(),
-        );
-        metric(
-            "s3_sql_loader_bytes_loaded_total",
-            "counter",
-            "Bytes of the files loaded (as stored).",
-            s.totals.bytes_loaded.to_string(),
-        );
-        metric(
-            "s3_sql_loader_files_failed_total",
-            "counter",
-            "Files moved to failed/.",
-            s.totals.files_failed.to_string(),
-        );
-        metric(
-            "s3_sql_loader_files_already_loaded_total",
-            "counter",
-            "Files found committed earlier and only moved.",
-            s.totals.files_already_loaded.to_string(),
-        );
-        metric(
-            "s3_sql_loader_transient_errors_total",
-            "counter",
-            "Load attempts left for a later tick after a transient error.",
-            s.totals.transient_errors.to_string(),
-        );
-        metric(
-            "s3_sql_loader_ticks_total",
-            "counter",
-            "Scheduler ticks.",
-            s.totals.ticks.to_string(),
-        );
-        metric(
-            "s3_sql_loader_list_calls_total",
-            "counter",
-            "List calls made to the store.",
-            s.totals.list_calls.to_string(),
-        );
-        metric(
-            "s3_sql_loader_backlog_files",
-            "gauge",
-            "Files in incoming/ not yet processed.",
-            s.backlog.files.to_string(),
-        );
-        metric(
-            "s3_sql_loader_backlog_bytes",
-            "gauge",
-            "Bytes in incoming/ not yet processed.",
-            s.backlog.bytes.to_string(),
-        );
-        metric(
-            "s3_sql_loader_backlog_oldest_age_seconds",
-            "gauge",
-            "Age of the oldest unprocessed file.",
-            s.backlog.oldest_age_seconds.unwrap_or(0.0).to_string(),
-        );
-        metric(
-            "s3_sql_loader_loads_in_flight",
-            "gauge",
-            "Loads running now.",
-            s.in_flight.to_string(),
-        );
-        out
+        self.metrics.render(&Gauges {
+            backlog_files: s.backlog.files,
+            backlog_bytes: s.backlog.bytes,
+            oldest_age_seconds: s.backlog.oldest_age_seconds.unwrap_or(0.0),
+            in_flight: s.in_flight,
+            degraded: s.freshness == "degraded",
+        })
     }
 }

@@ -70,20 +70,22 @@ impl Worker {
         let elapsed_ms = started.elapsed().as_millis() as u64;
         match &outcome {
             FileOutcome::Loaded { rows } => {
-                self.status.file_loaded(&obj.key, *rows, obj.size, true);
+                self.status
+                    .file_loaded(&obj.key, *rows, obj.size, true, started.elapsed());
                 info!(file.rows = rows, file.bytes = obj.size, elapsed_ms, "loaded");
             }
             FileOutcome::AlreadyLoaded => {
-                self.status.file_loaded(&obj.key, 0, obj.size, false);
+                self.status.file_loaded(&obj.key, 0, obj.size, false, started.elapsed());
                 info!(elapsed_ms, "already loaded earlier; moved");
             }
             FileOutcome::Failed(e) => {
-                self.status.file_failed(&obj.key, e);
+                self.status
+                    .file_failed(&obj.key, e, e.kind.stage().as_str(), started.elapsed());
                 warn!(error.kind = ?e.kind, error.message = %e, "failed; moved to failed/");
             }
             FileOutcome::Busy => info!("held by another loader; skipped"),
             FileOutcome::Retry { stage, message } => {
-                self.status.transient_error();
+                self.status.transient_error(stage.as_str());
                 warn!(error.stage = %stage, error.message = %message, "transient error; will retry");
                 // Best effort: counts towards retry.max_attempts when the database is reachable.
                 let file = self.file_ref(obj);

@@ -173,6 +173,12 @@ impl LocalSource {
         tokio::fs::rename(&tmp, &dest).await.map_err(|e| classify(e, &dest))
     }
 
+    pub async fn read(&self, path: &str) -> Result<Vec<u8>, SourceError> {
+        let (prefix, key) = path.split_once('/').unwrap_or(("", path));
+        let target = self.path(prefix, key)?;
+        tokio::fs::read(&target).await.map_err(|e| classify(e, &target))
+    }
+
     pub async fn delete(&self, path: &str) -> Result<(), SourceError> {
         let (prefix, key) = path.split_once('/').unwrap_or(("", path));
         let target = self.path(prefix, key)?;

@@ -239,6 +239,14 @@ impl Source {
         }
     }
 
+    /// Reads a small object (a failure report) at `path` relative to the root.
+    pub async fn read(&self, path: &str) -> Result<Vec<u8>, SourceError> {
+        match self {
+            Source::Local(s) => s.read(path).await,
+            Source::S3(s) => s.read(path).await,
+        }
+    }
+
     /// Deletes a small object at `path` relative to the root, if present.
     pub async fn delete(&self, path: &str) -> Result<(), SourceError> {
         match self {

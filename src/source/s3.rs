@@ -228,6 +228,25 @@ impl S3Source {
             .map_err(|e| classify(e, &format!("writing s3://{}/{key}", self.bucket)))
     }
 
+    pub async fn read(&self, path: &str) -> Result<Vec<u8>, SourceError> {
+        let key = format!("{}{path}", self.root);
+        let what = format!("reading s3://{}/{key}", self.bucket);
+        let object = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(&key)
+            .send()
+            .await
+            .map_err(|e| classify(e, &what))?;
+        let body = object
+            .body
+            .collect()
+            .await
+            .map_err(|e| SourceError::Transient(format!("{what}: {e}")))?;
+        Ok(body.into_bytes().to_vec())
+    }
+
     pub async fn delete(&self, path: &str) -> Result<(), SourceError> {
         let key = format!("{}{path}", self.root);
         match self.client.delete_object().bucket(&self.bucket).key(&key).send().await {
