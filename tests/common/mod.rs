@@ -398,3 +398,70 @@ pub fn orders_csv(first: u64, rows: u64) -> String {
     s
 }
 pub mod faults;
+
+/// The venv's Python (with boto3, prometheus_client, cbor2), next to moto_server.
+pub fn venv_python() -> String {
+    let moto = std::env::var("MOTO_SERVER").unwrap_or_else(|_| {
+        format!(
+            "{}/.cache/s3-sql-loader/venv/bin/moto_server",
+            std::env::var("HOME").unwrap()
+        )
+    });
+    Path::new(&moto).with_file_name("python").to_string_lossy().into_owned()
+}
+
+/// Runs a Python snippet with the venv's interpreter; returns its standard output.
+pub fn python(code: &str, args: &[&str]) -> String {
+    let out = Command::new(venv_python())
+        .arg("-c")
+        .arg(code)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "python failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The CloudWatch RPC v2 CBOR bridge in front of moto (tests/tools/cloudwatch_cbor_bridge.py).
+pub struct CloudWatchBridge {
+    child: Child,
+    pub endpoint: String,
+}
+
+impl CloudWatchBridge {
+    pub fn start(moto: &Moto, extra: &[&str]) -> CloudWatchBridge {
+        use std::io::BufRead;
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tools/cloudwatch_cbor_bridge.py");
+        let mut child = Command::new(venv_python())
+            .arg(script)
+            .args(["--moto", &moto.endpoint, "--port", "0"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = line
+            .trim()
+            .strip_prefix("PORT=")
+            .unwrap_or_else(|| panic!("bridge said {line:?}"));
+        CloudWatchBridge {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+        }
+    }
+}
+
+impl Drop for CloudWatchBridge {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
