@@ -13,8 +13,8 @@ use tracing::info;
 
 use crate::cloudwatch::Publisher;
 use crate::config::Config;
-use crate::format::CsvOptions;
 use crate::http::{self, AppState};
+use crate::routes::Routes;
 use crate::scheduler::Scheduler;
 use crate::sink::Database;
 use crate::source::{FAILED, Source};
@@ -87,12 +87,7 @@ impl App {
             source: self.source.clone(),
             db: self.db.clone(),
             status: self.status.clone(),
-            csv: CsvOptions {
-                delimiter: self.config.csv_delimiter(),
-                quote: self.config.csv_quote(),
-                null: self.config.csv.null.clone(),
-            },
-            ledger_table: self.config.database.ledger_table.clone(),
+            routes: Routes::new(&self.config),
         })
     }
 

@@ -29,6 +29,8 @@ pub struct Config {
     pub retry: RetryConfig,
     pub claim: ClaimConfig,
     pub health: HealthConfig,
+    /// `[[routes]]`: key prefix or glob → table, format and load options.
+    pub routes: Vec<crate::routes::RouteConfig>,
 }
 
 impl Default for Config {
@@ -47,6 +49,7 @@ impl Default for Config {
             retry: RetryConfig::default(),
             claim: ClaimConfig::default(),
             health: HealthConfig::default(),
+            routes: Vec::new(),
         }
     }
 }
@@ -427,6 +430,7 @@ impl Config {
         if self.pipeline.is_empty() || self.pipeline.len() > 200 {
             problems.push("pipeline: must be 1 to 200 characters".into());
         }
+        problems.extend(crate::routes::Routes::problems(&self.routes));
         if self.retry.max_attempts == 0 {
             problems.push("retry.max_attempts: must be at least 1".into());
         }

@@ -26,6 +26,7 @@ pub mod http;
 pub mod metrics;
 pub mod page;
 pub mod redact;
+pub mod routes;
 pub mod scheduler;
 pub mod schema;
 pub mod shutdown;

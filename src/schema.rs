@@ -32,6 +32,8 @@ pub enum ColumnType {
     Timestamp,
     TimestampTz,
     Text,
+    /// Nested JSON from a JSON lines file (never inferred from text).
+    Json,
 }
 
 impl ColumnType {
@@ -44,7 +46,66 @@ impl ColumnType {
             ColumnType::Date => NaiveDate::parse_from_str(value, "%Y-%m-%d").is_ok(),
             ColumnType::Timestamp => parse_naive_timestamp(value).is_some(),
             ColumnType::TimestampTz => DateTime::parse_from_rfc3339(value).is_ok(),
-            ColumnType::Text => true,
+            ColumnType::Text | ColumnType::Json => true,
+        }
+    }
+}
+
+/// A value converted to its column's type, ready to bind (for databases that do not parse text
+/// themselves, or would store anything in any column, like SQLite).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Value<'a> {
+    Null,
+    Integer(i64),
+    Float(f64),
+    Boolean(bool),
+    /// Text, and dates and timestamps in their checked text form.
+    Text(&'a str),
+}
+
+impl ColumnType {
+    /// Converts a field (`None` is NULL) to this type, or says why it does not fit.
+    pub fn convert(self, value: Option<&str>) -> Result<Value<'_>, String> {
+        let Some(value) = value else { return Ok(Value::Null) };
+        let mismatch = || format!("{value:?} is not a valid {}", self.describe());
+        Ok(match self {
+            ColumnType::Integer => Value::Integer(value.parse().map_err(|_| mismatch())?),
+            ColumnType::Float => Value::Float(parse_float(value).ok_or_else(mismatch)?),
+            ColumnType::Boolean => Value::Boolean(
+                match value {
+                    "1" => Some(true),
+                    "0" => Some(false),
+                    v => parse_bool(v),
+                }
+                .ok_or_else(mismatch)?,
+            ),
+            ColumnType::Date | ColumnType::Timestamp | ColumnType::TimestampTz => {
+                if !self.accepts(value) {
+                    return Err(mismatch());
+                }
+                Value::Text(value)
+            }
+            ColumnType::Json => {
+                if serde_json::from_str::<serde::de::IgnoredAny>(value).is_err() {
+                    return Err(mismatch());
+                }
+                Value::Text(value)
+            }
+            ColumnType::Text => Value::Text(value),
+        })
+    }
+
+    /// For messages: the type and the form it accepts.
+    pub fn describe(self) -> &'static str {
+        match self {
+            ColumnType::Integer => "integer",
+            ColumnType::Float => "number",
+            ColumnType::Boolean => "boolean (true/false)",
+            ColumnType::Date => "date (YYYY-MM-DD)",
+            ColumnType::Timestamp => "timestamp (YYYY-MM-DD HH:MM:SS)",
+            ColumnType::TimestampTz => "timestamp with offset (RFC 3339)",
+            ColumnType::Text => "text",
+            ColumnType::Json => "JSON value",
         }
     }
 }

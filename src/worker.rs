@@ -9,9 +9,9 @@ use chrono::Utc;
 use serde::Serialize;
 use tracing::{info, warn};
 
-use crate::error::{FileError, FileErrorKind, LoadError, Stage};
-use crate::format::{CsvOptions, decode_csv};
-use crate::schema;
+use crate::error::{FileError, LoadError, Stage};
+use crate::format::decode;
+use crate::routes::Routes;
 use crate::sink::{Database, FileRef, LoadOutcome};
 use crate::source::{Area, FAILED, INCOMING, MoveOutcome, ObjectMeta, Source};
 use crate::status::Status;
@@ -38,8 +38,7 @@ pub struct Worker {
     pub source: Arc<Source>,
     pub db: Arc<Database>,
     pub status: Arc<Status>,
-    pub csv: CsvOptions,
-    pub ledger_table: String,
+    pub routes: Routes,
 }
 
 /// The report written beside a failed file as `failed/K.error.json`.
@@ -109,14 +108,19 @@ impl Worker {
 
     async fn load_and_move(&self, obj: &ObjectMeta) -> Result<FileOutcome, LoadError> {
         let file = self.file_ref(obj);
-        let target = table_for_key(&obj.key, &self.ledger_table);
+        let spec = self.routes.resolve(&obj.key);
         let open = || async {
-            let reader = self.source.open(obj).await.map_err(|e| e.into_load_error(Stage::Get))?;
-            decode_csv(reader, &obj.key, self.csv.clone())
-                .await
-                .map_err(LoadError::from)
+            let opened = self.source.open(obj).await.map_err(|e| e.into_load_error(Stage::Get))?;
+            decode(
+                opened.reader,
+                &obj.key,
+                opened.content_encoding.as_deref(),
+                spec.format.clone(),
+            )
+            .await
+            .map_err(LoadError::from)
         };
-        match self.db.load(file, target, open).await? {
+        match self.db.load(file, &spec, open).await? {
             LoadOutcome::Loaded { rows } => {
                 self.move_to(obj, Area::Processed).await?;
                 Ok(FileOutcome::Loaded { rows })
@@ -182,49 +186,5 @@ impl Worker {
             .put(&format!("{FAILED}{name}.error.json"), body)
             .await
             .map_err(|e| e.into_load_error(Stage::Report))
-    }
-}
-
-/// The target table for a relative key: its first folder (`orders/2026/a.csv` → `orders`), or
-/// for a file directly in `incoming/` its name up to the first dot (`orders.csv.gz` → `orders`).
-pub fn table_for_key(key: &str, ledger_table: &str) -> Result<String, FileError> {
-    let raw = match key.split_once('/') {
-        Some((folder, _)) => folder,
-        None => key.split('.').next().unwrap_or(key),
-    };
-    if !schema::is_safe_identifier(raw) {
-        return Err(FileError::new(
-            FileErrorKind::UnsafeName,
-            format!(
-                "table name {raw:?} taken from the key is not a safe SQL identifier (letters, digits and _, not starting with a digit, at most 63 characters)"
-            ),
-        ));
-    }
-    let table = schema::normalize(raw);
-    if table == schema::normalize(ledger_table) {
-        return Err(FileError::new(
-            FileErrorKind::UnsafeName,
-            format!("table name {table:?} is the loader's own ledger table"),
-        ));
-    }
-    Ok(table)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_table_comes_from_the_first_folder_or_the_file_name() {
-        let t = |k| table_for_key(k, "s3_sql_loader_files");
-        assert_eq!(t("orders/2026/11/a.csv").unwrap(), "orders");
-        assert_eq!(t("Orders/a.csv").unwrap(), "orders");
-        assert_eq!(t("customers.2026-11-01.csv.gz").unwrap(), "customers");
-        assert_eq!(t("bad name/a.csv").unwrap_err().kind, FileErrorKind::UnsafeName);
-        assert_eq!(t("x;drop/a.csv").unwrap_err().kind, FileErrorKind::UnsafeName);
-        assert_eq!(
-            t("s3_sql_loader_files/a.csv").unwrap_err().kind,
-            FileErrorKind::UnsafeName
-        );
     }
 }

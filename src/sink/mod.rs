@@ -23,6 +23,7 @@ use sha2::{Digest, Sha256};
 use crate::config::{Config, Dialect};
 use crate::error::{Attempt, FileError, FileErrorKind, LoadError, Stage};
 use crate::format::{Batch, Decoded};
+use crate::routes::{LoadSpec, METADATA_COLUMNS, MissingColumns, NewColumns};
 use crate::schema::{self, ColumnType, TypeInference};
 
 /// One version of one file: the ledger's identity.
@@ -75,8 +76,6 @@ pub struct SinkOptions {
     /// Quoted ledger table name.
     pub ledger: String,
     pub create_tables: bool,
-    /// A field equal to this loads as NULL.
-    pub null: String,
     /// Written into the ledger's `claimed_by`: which process loaded the file.
     pub owner: String,
     /// A file with this many recorded attempts is failed instead of tried again.
@@ -92,7 +91,6 @@ impl Database {
         let options = SinkOptions {
             ledger: quote_ident(&config.database.ledger_table),
             create_tables: config.database.create_tables,
-            null: config.csv.null.clone(),
             owner: owner_name(),
             max_attempts: config.retry.max_attempts,
             lease: config.claim.lease,
@@ -123,22 +121,17 @@ impl Database {
         .map_err(|e| e.to_string())
     }
 
-    /// Loads one file exactly once; see the module docs for the steps. `target` is the table
-    /// (already validated) or why there is none; `open` starts decoding the object and is only
+    /// Loads one file exactly once; see the module docs for the steps. `spec` says into which
+    /// table (or why there is none) and how; `open` starts decoding the object and is only
     /// called when there is something to load.
-    pub async fn load<F, Fut>(
-        &self,
-        file: FileRef<'_>,
-        target: Result<String, FileError>,
-        open: F,
-    ) -> Result<LoadOutcome, LoadError>
+    pub async fn load<F, Fut>(&self, file: FileRef<'_>, spec: &LoadSpec, open: F) -> Result<LoadOutcome, LoadError>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Decoded, LoadError>>,
     {
         match self {
-            Database::Postgres(s) => s.load(file, target, open).await,
-            Database::Sqlite(s) => s.load(file, target, open).await,
+            Database::Postgres(s) => s.load(file, spec, open).await,
+            Database::Sqlite(s) => s.load(file, spec, open).await,
         }
     }
 
@@ -228,68 +221,152 @@ pub fn file_columns(header: &[String]) -> Result<Vec<String>, FileError> {
     Ok(columns)
 }
 
-/// The table's columns as the load must use them, and whether to create the table first.
-pub struct TablePlan {
-    /// `Some(types)` when the table must be created with these column types (file order).
+/// What a load writes and what it must change first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    /// `Some(types)`: create the table with `columns` of these types.
     pub create: Option<Vec<ColumnType>>,
-    /// The type of each file column in the table (file order).
+    /// Columns to add to the existing table first (`on_new_columns = "add"`).
+    pub add: Vec<(String, ColumnType)>,
+    /// The columns written, in order: the file's, then the lineage columns if asked for.
+    pub columns: Vec<String>,
+    /// Their types in the table.
     pub types: Vec<ColumnType>,
 }
 
-/// Matches the file's columns against the table (`existing`: name and type of each column, or
-/// `None` when the table does not exist), inferring types from `sample` for a new table.
-pub fn plan_table(
+/// Matches the file's columns (`nested`: which hold nested JSON) against the table
+/// (`existing`: name and type of each column, or `None` when it does not exist) under the
+/// route's rules, inferring types from `sample` for a new table or new columns.
+pub fn plan_load(
     table: &str,
-    columns: &[String],
+    file: &[String],
+    nested: &[bool],
     existing: Option<Vec<(String, ColumnType)>>,
-    create_tables: bool,
+    spec: &LoadSpec,
     sample: Option<&Batch>,
-    null: &str,
-) -> Result<TablePlan, FileError> {
-    match existing {
-        None if !create_tables => Err(FileError::new(
-            FileErrorKind::Schema,
-            format!("table {table:?} does not exist and database.create_tables is off"),
-        )),
-        None => {
-            let mut inference = TypeInference::new(columns.len());
-            for record in sample
-                .iter()
-                .flat_map(|b| b.records.iter())
-                .take(schema::INFERENCE_SAMPLE_ROWS)
-            {
-                for (i, value) in record.iter().enumerate() {
-                    inference.observe(i, (value != null).then_some(value));
-                }
-            }
-            let types = inference.finish();
-            Ok(TablePlan {
-                create: Some(types.clone()),
-                types,
-            })
+) -> Result<Plan, FileError> {
+    let schema_error = |message: String, column: Option<&str>| {
+        let e = FileError::new(FileErrorKind::Schema, message).at_line(Some(1));
+        match column {
+            Some(c) => e.in_column(c),
+            None => e,
         }
-        Some(existing) => {
-            let mut types = Vec::with_capacity(columns.len());
-            let mut missing = Vec::new();
-            for c in columns {
-                match existing.iter().find(|(name, _)| name == c) {
-                    Some((_, t)) => types.push(*t),
-                    None => missing.push(c.as_str()),
+    };
+    let mut columns = file.to_vec();
+    let mut inferred = {
+        let mut inference = TypeInference::new(file.len());
+        if let Some(batch) = sample {
+            for r in 0..batch.len().min(schema::INFERENCE_SAMPLE_ROWS) {
+                for (i, value) in batch.row(r).enumerate() {
+                    inference.observe(i, value);
                 }
             }
-            if missing.is_empty() {
-                Ok(TablePlan { create: None, types })
-            } else {
-                Err(FileError::new(
-                    FileErrorKind::Schema,
-                    format!(
-                        "column(s) {} of the file are not in table {table:?}",
-                        missing.join(", ")
-                    ),
-                )
-                .at_line(Some(1))
-                .in_column(missing[0]))
+        }
+        let types = inference.finish();
+        types
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| {
+                if nested.get(i).copied().unwrap_or(false) {
+                    ColumnType::Json
+                } else {
+                    t
+                }
+            })
+            .collect::<Vec<_>>()
+    };
+    if spec.metadata_columns {
+        if let Some(c) = file.iter().find(|c| METADATA_COLUMNS.contains(&c.as_str())) {
+            return Err(schema_error(
+                format!("column {c:?} is reserved for the lineage columns"),
+                Some(c),
+            ));
+        }
+        columns.extend(METADATA_COLUMNS.iter().map(|c| c.to_string()));
+        inferred.extend([
+            ColumnType::Text,
+            ColumnType::Text,
+            ColumnType::TimestampTz,
+            ColumnType::Integer,
+        ]);
+    }
+    if let Some(k) = spec.key_columns.iter().find(|k| !file.contains(k)) {
+        return Err(schema_error(format!("key column {k:?} is not in the file"), Some(k)));
+    }
+    let Some(existing) = existing else {
+        if !spec.create_tables {
+            return Err(FileError::new(
+                FileErrorKind::Schema,
+                format!("table {table:?} does not exist and creating tables is off"),
+            ));
+        }
+        return Ok(Plan {
+            create: Some(inferred.clone()),
+            add: Vec::new(),
+            columns,
+            types: inferred,
+        });
+    };
+    let mut types = Vec::with_capacity(columns.len());
+    let mut add = Vec::new();
+    let mut new = Vec::new();
+    for (c, t) in columns.iter().zip(&inferred) {
+        match existing.iter().find(|(name, _)| name == c) {
+            Some((_, existing_type)) => types.push(*existing_type),
+            None if spec.on_new_columns == NewColumns::Add => {
+                add.push((c.clone(), *t));
+                types.push(*t);
             }
+            None => new.push(c.as_str()),
+        }
+    }
+    if !new.is_empty() {
+        return Err(schema_error(
+            format!(
+                "column(s) {} of the file are not in table {table:?} (on_new_columns = \"fail\")",
+                new.join(", ")
+            ),
+            Some(new[0]),
+        ));
+    }
+    if spec.on_missing_columns == MissingColumns::Fail {
+        let missing: Vec<&str> = existing
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .filter(|n| !columns.iter().any(|c| c == n))
+            .collect();
+        if !missing.is_empty() {
+            return Err(schema_error(
+                format!(
+                    "column(s) {} of table {table:?} are not in the file (on_missing_columns = \"fail\")",
+                    missing.join(", ")
+                ),
+                Some(missing[0]),
+            ));
+        }
+    }
+    Ok(Plan {
+        create: None,
+        add,
+        columns,
+        types,
+    })
+}
+
+/// The lineage values of one file, when `metadata_columns` is on.
+#[derive(Debug, Clone)]
+pub struct Lineage {
+    pub source_key: String,
+    pub etag: String,
+    pub loaded_at: String,
+}
+
+impl Lineage {
+    pub fn new(file: &FileRef<'_>) -> Lineage {
+        Lineage {
+            source_key: format!("{}{}", crate::source::INCOMING, file.key),
+            etag: file.etag.to_string(),
+            loaded_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
         }
     }
 }
@@ -420,15 +497,70 @@ mod tests {
         assert_eq!(file_columns(&h(&["a", "A"])).unwrap_err().kind, FileErrorKind::Schema);
     }
 
+    fn spec(f: impl FnOnce(&mut LoadSpec)) -> LoadSpec {
+        let mut spec = crate::routes::Routes::new(&crate::config::Config::default()).resolve("t/a.csv");
+        f(&mut spec);
+        spec
+    }
+
     #[test]
-    fn columns_missing_from_an_existing_table_fail_the_file() {
+    fn the_plan_follows_the_routes_schema_rules() {
         let cols = vec!["id".to_string(), "extra".to_string()];
-        let existing = Some(vec![("id".to_string(), ColumnType::Integer)]);
-        let e = plan_table("t", &cols, existing, true, None, "").err().unwrap();
-        assert_eq!(e.kind, FileErrorKind::Schema);
-        assert_eq!(e.column.as_deref(), Some("extra"));
-        let e = plan_table("t", &cols, None, false, None, "").err().unwrap();
+        let existing = || {
+            Some(vec![
+                ("id".to_string(), ColumnType::Integer),
+                ("old".to_string(), ColumnType::Text),
+            ])
+        };
+        let sample = Batch::from_rows(2, &[&[Some("1"), Some("2.5")]]);
+        let e = plan_load("t", &cols, &[], existing(), &spec(|_| {}), None).unwrap_err();
+        assert_eq!((e.kind, e.column.as_deref()), (FileErrorKind::Schema, Some("extra")));
+        let add = plan_load(
+            "t",
+            &cols,
+            &[],
+            existing(),
+            &spec(|s| s.on_new_columns = NewColumns::Add),
+            Some(&sample),
+        )
+        .unwrap();
+        assert_eq!(add.add, [("extra".to_string(), ColumnType::Float)]);
+        let e = plan_load(
+            "t",
+            &cols[..1],
+            &[],
+            existing(),
+            &spec(|s| s.on_missing_columns = MissingColumns::Fail),
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(e.column.as_deref(), Some("old"));
+        let e = plan_load("t", &cols, &[], None, &spec(|s| s.create_tables = false), None).unwrap_err();
         assert!(e.message.contains("does not exist"));
+        let lineage = plan_load(
+            "t",
+            &cols,
+            &[true, false],
+            None,
+            &spec(|s| s.metadata_columns = true),
+            Some(&sample),
+        )
+        .unwrap();
+        assert_eq!(
+            lineage.columns,
+            ["id", "extra", "_source_key", "_etag", "_loaded_at", "_line"]
+        );
+        assert_eq!(lineage.types[0], ColumnType::Json);
+        let e = plan_load(
+            "t",
+            &cols,
+            &[],
+            None,
+            &spec(|s| s.key_columns = vec!["nope".into()]),
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(e.column.as_deref(), Some("nope"));
     }
 
     #[test]

@@ -8,12 +8,13 @@ use sqlx::postgres::{PgConnectOptions, PgDatabaseError, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Postgres, Transaction};
 
 use super::{
-    FileRef, LedgerRow, LoadOutcome, SinkOptions, append_history, db_error, file_columns, outcome_of_state, plan_table,
-    quote_ident, retries_exhausted, state,
+    FileRef, LedgerRow, Lineage, LoadOutcome, SinkOptions, append_history, db_error, file_columns, outcome_of_state,
+    plan_load, quote_ident, retries_exhausted, state,
 };
 use crate::config::Config;
 use crate::error::{FileError, LoadError, Stage};
 use crate::format::{Batch, Decoded};
+use crate::routes::{LoadSpec, WriteMode};
 use crate::schema::ColumnType;
 
 pub struct PgSink {
@@ -218,12 +219,7 @@ impl PgSink {
             .rows_affected())
     }
 
-    pub async fn load<F, Fut>(
-        &self,
-        file: FileRef<'_>,
-        target: Result<String, FileError>,
-        open: F,
-    ) -> Result<LoadOutcome, LoadError>
+    pub async fn load<F, Fut>(&self, file: FileRef<'_>, spec: &LoadSpec, open: F) -> Result<LoadOutcome, LoadError>
     where
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<Decoded, LoadError>>,
@@ -266,14 +262,14 @@ impl PgSink {
         }
         if attempts >= i64::from(self.options.max_attempts) {
             let error = retries_exhausted(attempts, history.as_deref());
-            self.mark_failed(&mut tx, &id, &error, target.as_ref().ok()).await?;
+            self.mark_failed(&mut tx, &id, &error, spec.table.as_ref().ok()).await?;
             tx.commit().await.map_err(db)?;
             return Ok(LoadOutcome::Failed(error));
         }
         // Nothing is written to the ledger row until the load ends: writing it now would make
         // other loaders' statements that meet the row wait for this load.
         let (pid, heartbeat) = self.hold_claim(&id, &mut tx).await.map_err(db)?;
-        let outcome = self.load_claimed(tx, &id, target, open).await;
+        let outcome = self.load_claimed(tx, file, spec, open).await;
         drop(heartbeat);
         self.release_claim(&id, pid).await;
         outcome
@@ -283,8 +279,8 @@ impl PgSink {
     async fn load_claimed<F, Fut>(
         &self,
         mut tx: Transaction<'static, Postgres>,
-        id: &str,
-        target: Result<String, FileError>,
+        file: FileRef<'_>,
+        spec: &LoadSpec,
         open: F,
     ) -> Result<LoadOutcome, LoadError>
     where
@@ -294,8 +290,9 @@ impl PgSink {
         let ledger = &self.options.ledger;
         let db = |e| db_error(e, Stage::Database);
         sqlx::query("SAVEPOINT file_rows").execute(&mut *tx).await.map_err(db)?;
-        let table = target.as_ref().ok().cloned();
-        match self.copy_rows(&mut tx, target, open).await {
+        let id = &file.id();
+        let table = spec.table.as_ref().ok().cloned();
+        match self.copy_rows(&mut tx, file, spec, open).await {
             Ok(rows) => {
                 sqlx::query("RELEASE SAVEPOINT file_rows")
                     .execute(&mut *tx)
@@ -376,67 +373,132 @@ impl PgSink {
         tx.commit().await
     }
 
-    /// Checks or creates the table and streams the file into it with COPY. Returns the row count.
+    /// Checks, creates or widens the table and streams the file into it with COPY (through a
+    /// staging table for upserts). Returns the row count.
     async fn copy_rows<F, Fut>(
         &self,
         tx: &mut Transaction<'static, Postgres>,
-        target: Result<String, FileError>,
+        file: FileRef<'_>,
+        spec: &LoadSpec,
         open: F,
     ) -> Result<u64, LoadError>
     where
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<Decoded, LoadError>>,
     {
-        let table = target?;
+        let db = |e| db_error(e, Stage::Database);
+        let table = spec.table.clone()?;
         let mut decoded = open().await?;
         if decoded.header.is_empty() {
             return Ok(0); // a 0-byte file: nothing to load, nothing to create
         }
-        let columns = file_columns(&decoded.header)?;
+        let file_cols = file_columns(&decoded.header)?;
         let first = decoded.next_batch().await?;
         let existing = self.table_columns(tx, &table).await?;
         if first.is_none() && existing.is_none() {
             return Ok(0); // header only: no rows, and no sample to create the table from
         }
-        let plan = plan_table(
-            &table,
-            &columns,
-            existing,
-            self.options.create_tables,
-            first.as_ref(),
-            &self.options.null,
-        )?;
+        let plan = plan_load(&table, &file_cols, &decoded.nested, existing, spec, first.as_ref())?;
         if let Some(types) = &plan.create {
-            self.create_table(&table, &columns, types).await?;
+            let keys = (spec.write_mode == WriteMode::Upsert).then_some(spec.key_columns.as_slice());
+            self.create_table(&table, &plan.columns, types, keys).await?;
         }
-        let column_list = columns.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", ");
-        let statement = format!(
-            "COPY {} ({column_list}) FROM STDIN WITH (FORMAT csv)",
+        for (column, ty) in &plan.add {
+            // In the load's transaction: if the load fails, the column is not added either.
+            sqlx::query(AssertSqlSafe(format!(
+                "ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}",
+                quote_ident(&table),
+                quote_ident(column),
+                sql_type(*ty)
+            )))
+            .execute(&mut **tx)
+            .await
+            .map_err(db)?;
+            tracing::info!(db.table = %table, db.column = %column, "added a column");
+        }
+        let column_list = plan
+            .columns
+            .iter()
+            .map(|c| quote_ident(c))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let upsert = spec.write_mode == WriteMode::Upsert;
+        let into = if upsert {
+            // A staging table of the same shape; the file's rows go there, then into the table.
+            sqlx::query(AssertSqlSafe(format!(
+                "CREATE TEMP TABLE {STAGE} (LIKE {} INCLUDING DEFAULTS) ON COMMIT DROP",
+                quote_ident(&table)
+            )))
+            .execute(&mut **tx)
+            .await
+            .map_err(db)?;
+            sqlx::query(AssertSqlSafe(format!(
+                "ALTER TABLE {STAGE} ADD COLUMN {STAGE_ORDER} bigserial"
+            )))
+            .execute(&mut **tx)
+            .await
+            .map_err(db)?;
+            STAGE.to_string()
+        } else {
             quote_ident(&table)
-        );
-        let mut copy = tx.copy_in_raw(&statement).await.map_err(|e| copy_error(e, &columns))?;
+        };
+        let lineage = spec.metadata_columns.then(|| Lineage::new(&file));
+        let statement = format!("COPY {into} ({column_list}) FROM STDIN WITH (FORMAT csv)");
+        let mut copy = tx
+            .copy_in_raw(&statement)
+            .await
+            .map_err(|e| copy_error(e, &plan.columns))?;
         let mut buffer = Vec::with_capacity(1 << 20);
         let mut batch = first;
         let sent: Result<(), LoadError> = async {
             while let Some(b) = batch {
                 buffer.clear();
-                encode_csv(&b, &self.options.null, &mut buffer);
+                encode_csv(&b, lineage.as_ref(), &mut buffer);
                 copy.send(buffer.as_slice())
                     .await
-                    .map_err(|e| copy_error(e, &columns))?;
+                    .map_err(|e| copy_error(e, &plan.columns))?;
                 batch = decoded.next_batch().await?;
             }
             Ok(())
         }
         .await;
-        match sent {
-            Ok(()) => copy.finish().await.map_err(|e| copy_error(e, &columns)),
+        let rows = match sent {
+            Ok(()) => copy.finish().await.map_err(|e| copy_error(e, &plan.columns))?,
             Err(e) => {
                 // Abort ends COPY with an error: the server discards what it received.
                 let _ = copy.abort(e.to_string()).await;
-                Err(e)
+                return Err(e);
             }
+        };
+        if upsert {
+            let keys = spec
+                .key_columns
+                .iter()
+                .map(|c| quote_ident(c))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let updates: Vec<String> = plan
+                .columns
+                .iter()
+                .filter(|c| !spec.key_columns.contains(c))
+                .map(|c| format!("{0} = EXCLUDED.{0}", quote_ident(c)))
+                .collect();
+            let action = if updates.is_empty() {
+                "NOTHING".to_string()
+            } else {
+                format!("UPDATE SET {}", updates.join(", "))
+            };
+            // The last row of the file wins among rows with the same key.
+            sqlx::query(AssertSqlSafe(format!(
+                "INSERT INTO {} ({column_list}) SELECT DISTINCT ON ({keys}) {column_list} FROM {STAGE}
+                 ORDER BY {keys}, {STAGE_ORDER} DESC ON CONFLICT ({keys}) DO {action}",
+                quote_ident(&table)
+            )))
+            .execute(&mut **tx)
+            .await
+            .map_err(db)?;
         }
+        Ok(rows)
     }
 
     async fn table_columns(
@@ -460,7 +522,13 @@ impl PgSink {
 
     /// Creates the table in its own short transaction, serialized by an advisory lock so that
     /// replicas creating the same table at once do not collide.
-    async fn create_table(&self, table: &str, columns: &[String], types: &[ColumnType]) -> Result<(), LoadError> {
+    async fn create_table(
+        &self,
+        table: &str,
+        columns: &[String],
+        types: &[ColumnType],
+        keys: Option<&[String]>,
+    ) -> Result<(), LoadError> {
         let db = |e| db_error(e, Stage::Database);
         let definition = columns
             .iter()
@@ -474,8 +542,16 @@ impl PgSink {
             .execute(&mut *tx)
             .await
             .map_err(db)?;
+        let key = keys
+            .map(|k| {
+                format!(
+                    ", PRIMARY KEY ({})",
+                    k.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", ")
+                )
+            })
+            .unwrap_or_default();
         sqlx::query(AssertSqlSafe(format!(
-            "CREATE TABLE IF NOT EXISTS {} ({definition})",
+            "CREATE TABLE IF NOT EXISTS {} ({definition}{key})",
             quote_ident(table)
         )))
         .execute(&mut *tx)
@@ -496,6 +572,7 @@ fn sql_type(t: ColumnType) -> &'static str {
         ColumnType::Timestamp => "timestamp",
         ColumnType::TimestampTz => "timestamptz",
         ColumnType::Text => "text",
+        ColumnType::Json => "jsonb",
     }
 }
 
@@ -507,41 +584,51 @@ fn type_of(data_type: &str) -> ColumnType {
         "date" => ColumnType::Date,
         "timestamp without time zone" => ColumnType::Timestamp,
         "timestamp with time zone" => ColumnType::TimestampTz,
+        "json" | "jsonb" => ColumnType::Json,
         _ => ColumnType::Text,
     }
 }
 
+/// The staging table of an upsert, and its column keeping the file's row order.
+const STAGE: &str = "\"_s3_sql_loader_stage\"";
+const STAGE_ORDER: &str = "\"_s3_sql_loader_order\"";
+
 /// Re-encodes rows as CSV for COPY: NULL as an empty unquoted field, every value quoted (so an
-/// empty string stays an empty string and nothing in a value can end the data).
-pub fn encode_csv(batch: &Batch, null: &str, out: &mut Vec<u8>) {
-    for record in &batch.records {
-        for (i, field) in record.iter().enumerate() {
+/// empty string stays an empty string and nothing in a value can end the data); with
+/// `lineage`, the four lineage columns follow each row.
+pub fn encode_csv(batch: &Batch, lineage: Option<&Lineage>, out: &mut Vec<u8>) {
+    fn quoted(out: &mut Vec<u8>, bytes: &[u8]) {
+        out.push(b'"');
+        if bytes.contains(&b'"') {
+            for &b in bytes {
+                if b == b'"' {
+                    out.push(b'"');
+                }
+                out.push(b);
+            }
+        } else {
+            out.extend_from_slice(bytes);
+        }
+        out.push(b'"');
+    }
+    for r in 0..batch.len() {
+        for (i, field) in batch.row(r).enumerate() {
             if i > 0 {
                 out.push(b',');
             }
-            if field == null {
-                continue;
+            if let Some(field) = field {
+                quoted(out, field.as_bytes());
             }
-            out.push(b'"');
-            let bytes = field.as_bytes();
-            if memchr_quote(bytes) {
-                for &b in bytes {
-                    if b == b'"' {
-                        out.push(b'"');
-                    }
-                    out.push(b);
-                }
-            } else {
-                out.extend_from_slice(bytes);
+        }
+        if let Some(l) = lineage {
+            for value in [&l.source_key, &l.etag, &l.loaded_at] {
+                out.push(b',');
+                quoted(out, value.as_bytes());
             }
-            out.push(b'"');
+            out.extend_from_slice(format!(",{}", batch.line(r)).as_bytes());
         }
         out.push(b'\n');
     }
-}
-
-fn memchr_quote(bytes: &[u8]) -> bool {
-    bytes.contains(&b'"')
 }
 
 /// A COPY error with the record (COPY's "line": no header is sent) and column from
@@ -581,13 +668,10 @@ mod tests {
 
     #[test]
     fn copy_encoding_quotes_values_and_leaves_nulls_empty() {
-        let mut batch = Batch::default();
-        batch
-            .records
-            .push(csv::StringRecord::from(vec!["1", "", "a \"b\",\nc"]));
+        let batch = Batch::from_rows(4, &[&[Some("1"), None, Some(""), Some("a \"b\",\nc")]]);
         let mut out = Vec::new();
-        encode_csv(&batch, "", &mut out);
-        assert_eq!(String::from_utf8(out).unwrap(), "\"1\",,\"a \"\"b\"\",\nc\"\n");
+        encode_csv(&batch, None, &mut out);
+        assert_eq!(String::from_utf8(out).unwrap(), "\"1\",,\"\",\"a \"\"b\"\",\nc\"\n");
     }
 
     #[test]

@@ -11,13 +11,14 @@ use sqlx::{AssertSqlSafe, Sqlite, Transaction};
 use tokio::sync::Mutex;
 
 use super::{
-    FileRef, LedgerRow, LoadOutcome, SinkOptions, append_history, db_error, file_columns, outcome_of_state, plan_table,
-    quote_ident, retries_exhausted, state,
+    FileRef, LedgerRow, Lineage, LoadOutcome, SinkOptions, append_history, db_error, file_columns, outcome_of_state,
+    plan_load, quote_ident, retries_exhausted, state,
 };
 use crate::config::Config;
 use crate::error::{FileError, FileErrorKind, LoadError, Stage};
-use crate::format::{Decoded, record_line, record_number};
-use crate::schema::{self, ColumnType};
+use crate::format::Decoded;
+use crate::routes::{LoadSpec, WriteMode};
+use crate::schema::{ColumnType, Value};
 
 /// SQLite's limit on bound parameters per statement (since 3.32).
 const MAX_PARAMS: usize = 32766;
@@ -115,12 +116,7 @@ impl SqliteSink {
             .rows_affected())
     }
 
-    pub async fn load<F, Fut>(
-        &self,
-        file: FileRef<'_>,
-        target: Result<String, FileError>,
-        open: F,
-    ) -> Result<LoadOutcome, LoadError>
+    pub async fn load<F, Fut>(&self, file: FileRef<'_>, spec: &LoadSpec, open: F) -> Result<LoadOutcome, LoadError>
     where
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<Decoded, LoadError>>,
@@ -155,7 +151,7 @@ impl SqliteSink {
         }
         if attempts >= i64::from(self.options.max_attempts) {
             let error = retries_exhausted(attempts, history.as_deref());
-            self.mark_failed(&mut tx, &id, &error, target.as_ref().ok()).await?;
+            self.mark_failed(&mut tx, &id, &error, spec.table.as_ref().ok()).await?;
             tx.commit().await.map_err(db)?;
             return Ok(LoadOutcome::Failed(error));
         }
@@ -169,8 +165,8 @@ impl SqliteSink {
         .map_err(db)?;
 
         sqlx::query("SAVEPOINT file_rows").execute(&mut *tx).await.map_err(db)?;
-        let table = target.as_ref().ok().cloned();
-        match self.insert_rows(&mut tx, target, open).await {
+        let table = spec.table.as_ref().ok().cloned();
+        match self.insert_rows(&mut tx, file, spec, open).await {
             Ok(rows) => {
                 sqlx::query("RELEASE SAVEPOINT file_rows")
                     .execute(&mut *tx)
@@ -249,7 +245,8 @@ impl SqliteSink {
     async fn insert_rows<F, Fut>(
         &self,
         tx: &mut Transaction<'static, Sqlite>,
-        target: Result<String, FileError>,
+        file: FileRef<'_>,
+        spec: &LoadSpec,
         open: F,
     ) -> Result<u64, LoadError>
     where
@@ -257,12 +254,12 @@ impl SqliteSink {
         Fut: std::future::Future<Output = Result<Decoded, LoadError>>,
     {
         let db = |e| db_error(e, Stage::Database);
-        let table = target?;
+        let table = spec.table.clone()?;
         let mut decoded = open().await?;
         if decoded.header.is_empty() {
             return Ok(0);
         }
-        let columns = file_columns(&decoded.header)?;
+        let file_cols = file_columns(&decoded.header)?;
         let first = decoded.next_batch().await?;
         let existing: Vec<(String, String)> = sqlx::query_as("SELECT name, type FROM pragma_table_info(?)")
             .bind(&table)
@@ -278,23 +275,29 @@ impl SqliteSink {
         if first.is_none() && existing.is_none() {
             return Ok(0); // header only: no rows, and no sample to create the table from
         }
-        let plan = plan_table(
-            &table,
-            &columns,
-            existing,
-            self.options.create_tables,
-            first.as_ref(),
-            &self.options.null,
-        )?;
+        let plan = plan_load(&table, &file_cols, &decoded.nested, existing, spec, first.as_ref())?;
+        let upsert = spec.write_mode == WriteMode::Upsert;
+        let keys = spec
+            .key_columns
+            .iter()
+            .map(|c| quote_ident(c))
+            .collect::<Vec<_>>()
+            .join(", ");
         if let Some(types) = &plan.create {
-            let definition = columns
+            let definition = plan
+                .columns
                 .iter()
                 .zip(types)
                 .map(|(c, t)| format!("{} {}", quote_ident(c), sql_type(*t)))
                 .collect::<Vec<_>>()
                 .join(", ");
+            let key = if upsert {
+                format!(", PRIMARY KEY ({keys})")
+            } else {
+                String::new()
+            };
             sqlx::query(AssertSqlSafe(format!(
-                "CREATE TABLE IF NOT EXISTS {} ({definition})",
+                "CREATE TABLE IF NOT EXISTS {} ({definition}{key})",
                 quote_ident(&table)
             )))
             .execute(&mut **tx)
@@ -302,39 +305,83 @@ impl SqliteSink {
             .map_err(db)?;
             tracing::info!(db.table = %table, "created table");
         }
-        let rows_per_insert = (MAX_PARAMS / columns.len()).clamp(1, MAX_ROWS_PER_INSERT);
-        let insert = |rows: usize| {
-            let placeholders = format!("({})", vec!["?"; columns.len()].join(", "));
-            format!(
-                "INSERT INTO {} ({}) VALUES {}",
+        for (column, ty) in &plan.add {
+            sqlx::query(AssertSqlSafe(format!(
+                "ALTER TABLE {} ADD COLUMN {} {}",
                 quote_ident(&table),
-                columns.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", "),
+                quote_ident(column),
+                sql_type(*ty)
+            )))
+            .execute(&mut **tx)
+            .await
+            .map_err(db)?;
+            tracing::info!(db.table = %table, db.column = %column, "added a column");
+        }
+        let width = plan.columns.len();
+        let on_conflict = if upsert {
+            let updates: Vec<String> = plan
+                .columns
+                .iter()
+                .filter(|c| !spec.key_columns.contains(c))
+                .map(|c| format!("{0} = excluded.{0}", quote_ident(c)))
+                .collect();
+            // Rows go in file order, so the file's last row for a key wins.
+            match updates.is_empty() {
+                true => format!(" ON CONFLICT ({keys}) DO NOTHING"),
+                false => format!(" ON CONFLICT ({keys}) DO UPDATE SET {}", updates.join(", ")),
+            }
+        } else {
+            String::new()
+        };
+        let rows_per_insert = (MAX_PARAMS / width).clamp(1, MAX_ROWS_PER_INSERT);
+        let insert = |rows: usize| {
+            let placeholders = format!("({})", vec!["?"; width].join(", "));
+            format!(
+                "INSERT INTO {} ({}) VALUES {}{on_conflict}",
+                quote_ident(&table),
+                plan.columns
+                    .iter()
+                    .map(|c| quote_ident(c))
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 vec![placeholders; rows].join(", ")
             )
         };
+        let lineage = spec.metadata_columns.then(|| Lineage::new(&file));
         let full_insert = insert(rows_per_insert);
         let mut total = 0u64;
         let mut batch = first;
         while let Some(b) = batch {
-            for chunk in b.records.chunks(rows_per_insert) {
-                let sql = if chunk.len() == rows_per_insert {
+            let mut start = 0;
+            while start < b.len() {
+                let end = (start + rows_per_insert).min(b.len());
+                let sql = if end - start == rows_per_insert {
                     full_insert.clone()
                 } else {
-                    insert(chunk.len())
+                    insert(end - start)
                 };
                 let mut query = sqlx::query(AssertSqlSafe(sql));
-                for record in chunk {
-                    for ((value, ty), column) in record.iter().zip(&plan.types).zip(&columns) {
-                        query = bind_value(query, value, *ty, &self.options.null).map_err(|message| {
+                for r in start..end {
+                    for ((value, ty), column) in b.row(r).zip(&plan.types).zip(&plan.columns) {
+                        let value = ty.convert(value).map_err(|message| {
                             FileError::new(FileErrorKind::Type, message)
-                                .at_line(record_line(record))
-                                .at_record(record_number(record))
+                                .at_line(Some(b.line(r)))
+                                .at_record(Some(b.record(r)))
                                 .in_column(column.clone())
                         })?;
+                        query = bind_value(query, value);
+                    }
+                    if let Some(l) = &lineage {
+                        query = query
+                            .bind(l.source_key.clone())
+                            .bind(l.etag.clone())
+                            .bind(l.loaded_at.clone());
+                        query = query.bind(b.line(r) as i64);
                     }
                 }
                 query.execute(&mut **tx).await.map_err(db)?;
-                total += chunk.len() as u64;
+                total += (end - start) as u64;
+                start = end;
             }
             batch = decoded.next_batch().await?;
         }
@@ -344,47 +391,13 @@ impl SqliteSink {
 
 type SqliteQuery<'q> = sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments>;
 
-/// Binds one value as its column's type, or says why it does not fit.
-fn bind_value<'q>(
-    query: SqliteQuery<'q>,
-    value: &'q str,
-    ty: ColumnType,
-    null: &str,
-) -> Result<SqliteQuery<'q>, String> {
-    if value == null {
-        return Ok(query.bind(None::<&str>));
-    }
-    let mismatch = || format!("{value:?} is not a valid {}", type_name(ty));
-    Ok(match ty {
-        ColumnType::Integer => query.bind(value.parse::<i64>().map_err(|_| mismatch())?),
-        ColumnType::Float => query.bind(schema::parse_float(value).ok_or_else(mismatch)?),
-        ColumnType::Boolean => query.bind(
-            match value {
-                "1" => Some(true),
-                "0" => Some(false),
-                v => schema::parse_bool(v),
-            }
-            .ok_or_else(mismatch)?,
-        ),
-        ColumnType::Date | ColumnType::Timestamp | ColumnType::TimestampTz => {
-            if !ty.accepts(value) {
-                return Err(mismatch());
-            }
-            query.bind(value)
-        }
-        ColumnType::Text => query.bind(value),
-    })
-}
-
-fn type_name(t: ColumnType) -> &'static str {
-    match t {
-        ColumnType::Integer => "integer",
-        ColumnType::Float => "number",
-        ColumnType::Boolean => "boolean (true/false)",
-        ColumnType::Date => "date (YYYY-MM-DD)",
-        ColumnType::Timestamp => "timestamp (YYYY-MM-DD HH:MM:SS)",
-        ColumnType::TimestampTz => "timestamp with offset (RFC 3339)",
-        ColumnType::Text => "text",
+fn bind_value<'q>(query: SqliteQuery<'q>, value: Value<'q>) -> SqliteQuery<'q> {
+    match value {
+        Value::Null => query.bind(None::<&str>),
+        Value::Integer(i) => query.bind(i),
+        Value::Float(f) => query.bind(f),
+        Value::Boolean(b) => query.bind(b),
+        Value::Text(t) => query.bind(t),
     }
 }
 
@@ -396,7 +409,7 @@ fn sql_type(t: ColumnType) -> &'static str {
         ColumnType::Date => "DATE",
         ColumnType::Timestamp => "TIMESTAMP",
         ColumnType::TimestampTz => "TIMESTAMPTZ",
-        ColumnType::Text => "TEXT",
+        ColumnType::Text | ColumnType::Json => "TEXT",
     }
 }
 

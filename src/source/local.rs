@@ -8,9 +8,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use chrono::{DateTime, Utc};
-use tokio::io::AsyncRead;
 
-use super::{FAILED, INCOMING, MoveAs, ObjectMeta, PROCESSED, SourceError};
+use super::{FAILED, INCOMING, MoveAs, ObjectMeta, Opened, PROCESSED, SourceError};
 
 pub struct LocalSource {
     root: PathBuf,
@@ -80,7 +79,7 @@ impl LocalSource {
         Ok((found, 1))
     }
 
-    pub async fn open(&self, obj: &ObjectMeta) -> Result<Box<dyn AsyncRead + Send + Unpin>, SourceError> {
+    pub async fn open(&self, obj: &ObjectMeta) -> Result<Opened, SourceError> {
         let path = self.path(INCOMING, &obj.key)?;
         let file = tokio::fs::File::open(&path).await.map_err(|e| classify(e, &path))?;
         let meta = file.metadata().await.map_err(|e| classify(e, &path))?;
@@ -90,7 +89,10 @@ impl LocalSource {
                 path.display()
             )));
         }
-        Ok(Box::new(file))
+        Ok(Opened {
+            reader: Box::new(file),
+            content_encoding: None,
+        })
     }
 
     /// Moves `from/K` to `to/name` unless `to/name` exists: a hard link (which fails when the

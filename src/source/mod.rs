@@ -26,6 +26,13 @@ pub struct ObjectMeta {
     pub last_modified: DateTime<Utc>,
 }
 
+/// An object being read.
+pub struct Opened {
+    pub reader: Box<dyn AsyncRead + Send + Unpin>,
+    /// The object's Content-Encoding, when the store keeps one (S3).
+    pub content_encoding: Option<String>,
+}
+
 /// The folders a file can end up in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Area {
@@ -150,7 +157,7 @@ impl Source {
     }
 
     /// Streams `incoming/K` at exactly the listed version.
-    pub async fn open(&self, obj: &ObjectMeta) -> Result<Box<dyn AsyncRead + Send + Unpin>, SourceError> {
+    pub async fn open(&self, obj: &ObjectMeta) -> Result<Opened, SourceError> {
         match self {
             Source::Local(s) => s.open(obj).await,
             Source::S3(s) => s.open(obj).await,

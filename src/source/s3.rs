@@ -11,9 +11,8 @@ use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use chrono::{DateTime, Utc};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
-use tokio::io::AsyncRead;
 
-use super::{INCOMING, MoveAs, ObjectMeta, SourceError};
+use super::{INCOMING, MoveAs, ObjectMeta, Opened, SourceError};
 use crate::config::SourceConfig;
 
 /// Characters left as they are in a CopyObject copy source: RFC 3986 unreserved, and `/`.
@@ -122,7 +121,7 @@ impl S3Source {
         }
     }
 
-    pub async fn open(&self, obj: &ObjectMeta) -> Result<Box<dyn AsyncRead + Send + Unpin>, SourceError> {
+    pub async fn open(&self, obj: &ObjectMeta) -> Result<Opened, SourceError> {
         let key = format!("{}{INCOMING}{}", self.root, obj.key);
         let response = self
             .client
@@ -133,7 +132,10 @@ impl S3Source {
             .send()
             .await
             .map_err(|e| classify(e, &format!("getting s3://{}/{key}", self.bucket)))?;
-        Ok(Box::new(response.body.into_async_read()))
+        Ok(Opened {
+            content_encoding: response.content_encoding().map(str::to_string),
+            reader: Box::new(response.body.into_async_read()),
+        })
     }
 
     /// CopyObject to `to/name` only if that name is free (HEAD, then `If-None-Match: *`) and the source is

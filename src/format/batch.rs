@@ -1,0 +1,102 @@
+//! A batch of decoded rows in one flat buffer: no allocation per row or per field.
+
+/// Rows of `width` fields each. Field text is stored back to back in one buffer; NULL is a
+/// flag, distinct from the empty string.
+#[derive(Debug, Default)]
+pub struct Batch {
+    text: Vec<u8>,
+    /// End offset in `text` of every field, row after row.
+    ends: Vec<usize>,
+    nulls: Vec<bool>,
+    width: usize,
+    /// Line (1-based, in the file) where each row starts.
+    lines: Vec<u64>,
+    /// Data record number (1-based, header excluded) of the first row.
+    first_record: u64,
+}
+
+impl Batch {
+    pub fn new(width: usize, first_record: u64) -> Batch {
+        Batch {
+            width,
+            first_record,
+            ..Batch::default()
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.lines.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lines.is_empty()
+    }
+
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
+    /// Bytes of field text held.
+    pub fn text_len(&self) -> usize {
+        self.text.len()
+    }
+
+    /// The field, or `None` for NULL.
+    pub fn get(&self, row: usize, column: usize) -> Option<&str> {
+        let i = row * self.width + column;
+        if self.nulls[i] {
+            return None;
+        }
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        let bytes = &self.text[start..self.ends[i]];
+        // SAFETY: every row is checked to be UTF-8 as a whole before it is kept (see
+        // `finish_row`), and fields are split at ASCII delimiters, so each field is UTF-8 too.
+        Some(unsafe { std::str::from_utf8_unchecked(bytes) })
+    }
+
+    /// The row's fields in order.
+    pub fn row(&self, row: usize) -> impl Iterator<Item = Option<&str>> + '_ {
+        (0..self.width).map(move |c| self.get(row, c))
+    }
+
+    pub fn line(&self, row: usize) -> u64 {
+        self.lines[row]
+    }
+
+    pub fn record(&self, row: usize) -> u64 {
+        self.first_record + row as u64
+    }
+
+    /// The rows as owned strings (for tests and small tools).
+    pub fn into_strings(self) -> Vec<Vec<Option<String>>> {
+        (0..self.len())
+            .map(|r| self.row(r).map(|f| f.map(str::to_string)).collect())
+            .collect()
+    }
+
+    /// A batch of the given rows (`None` is NULL), each of `width` fields.
+    pub fn from_rows(width: usize, rows: &[&[Option<&str>]]) -> Batch {
+        let mut batch = Batch::new(width, 1);
+        for (i, row) in rows.iter().enumerate() {
+            batch.push_row(i as u64 + 2, row.iter().map(|f| f.map(str::as_bytes)));
+        }
+        batch
+    }
+
+    /// Appends a row (decoders only): `fields` must yield `width` items, `None` for NULL, all
+    /// checked to be UTF-8 by the caller.
+    pub(super) fn push_row<'a>(&mut self, line: u64, fields: impl Iterator<Item = Option<&'a [u8]>>) {
+        self.lines.push(line);
+        for field in fields {
+            match field {
+                Some(bytes) => {
+                    self.text.extend_from_slice(bytes);
+                    self.nulls.push(false);
+                }
+                None => self.nulls.push(true),
+            }
+            self.ends.push(self.text.len());
+        }
+        debug_assert_eq!(self.ends.len(), self.lines.len() * self.width);
+    }
+}

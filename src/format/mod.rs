@@ -1,0 +1,611 @@
+//! Turns an object's bytes into rows: detects compression (Content-Encoding, then extension,
+//! then magic bytes) and the format (the route's, else by extension), decompresses and decodes,
+//! all streamed. Decoding runs on a blocking thread and hands [`Batch`]es to the sink over a
+//! bounded channel, so download and decode overlap with the database write while memory stays
+//! bounded by `CHANNEL_BATCHES × BATCH_BYTES`.
+
+mod batch;
+pub mod csv;
+pub mod jsonl;
+
+use std::io::{self, BufRead, BufReader, Read};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use tokio::io::AsyncRead;
+use tokio::sync::mpsc;
+use tokio_util::io::SyncIoBridge;
+
+pub use self::batch::Batch;
+use crate::error::{FileError, FileErrorKind, LoadError, Stage};
+
+/// A batch is handed over once it holds this many rows ...
+const BATCH_ROWS: usize = 4096;
+/// ... or this many bytes of field text, whichever comes first.
+const BATCH_BYTES: usize = 1 << 20;
+/// Batches buffered between the decoder and the sink.
+const CHANNEL_BATCHES: usize = 4;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+impl Compression {
+    /// By an HTTP Content-Encoding (`gzip`, `x-gzip`, `zstd`).
+    pub fn from_content_encoding(encoding: &str) -> Option<Compression> {
+        match encoding.trim().to_ascii_lowercase().as_str() {
+            "gzip" | "x-gzip" => Some(Compression::Gzip),
+            "zstd" => Some(Compression::Zstd),
+            _ => None,
+        }
+    }
+
+    /// By the key's extension (`.gz`, `.gzip`, `.zst`, `.zstd`).
+    pub fn from_key(key: &str) -> Option<Compression> {
+        let lower = key.to_ascii_lowercase();
+        if lower.ends_with(".gz") || lower.ends_with(".gzip") {
+            Some(Compression::Gzip)
+        } else if lower.ends_with(".zst") || lower.ends_with(".zstd") {
+            Some(Compression::Zstd)
+        } else {
+            None
+        }
+    }
+
+    /// By the first bytes of the object.
+    pub fn from_magic(head: &[u8]) -> Compression {
+        if head.starts_with(&[0x1f, 0x8b]) {
+            Compression::Gzip
+        } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+            Compression::Zstd
+        } else {
+            Compression::None
+        }
+    }
+}
+
+/// The file formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    Csv,
+    Tsv,
+    Jsonl,
+}
+
+impl Format {
+    /// By the key's extension, once any compression extension is taken off: `.jsonl`,
+    /// `.ndjson` and `.json` are JSON lines, `.tsv` and `.tab` TSV, anything else CSV.
+    pub fn from_key(key: &str) -> Format {
+        let lower = key.to_ascii_lowercase();
+        let base = [".gz", ".gzip", ".zst", ".zstd"]
+            .iter()
+            .find_map(|e| lower.strip_suffix(e))
+            .unwrap_or(&lower);
+        if [".jsonl", ".ndjson", ".json"].iter().any(|e| base.ends_with(e)) {
+            Format::Jsonl
+        } else if base.ends_with(".tsv") || base.ends_with(".tab") {
+            Format::Tsv
+        } else {
+            Format::Csv
+        }
+    }
+}
+
+/// How to read a file.
+#[derive(Debug, Clone)]
+pub struct FormatOptions {
+    /// `None`: by the key's extension.
+    pub format: Option<Format>,
+    pub delimiter: u8,
+    pub quote: u8,
+    /// An unquoted CSV field equal to this is NULL.
+    pub null: String,
+    /// The first CSV line names the columns; otherwise `columns` does.
+    pub header: bool,
+    pub columns: Vec<String>,
+}
+
+impl Default for FormatOptions {
+    fn default() -> Self {
+        Self {
+            format: None,
+            delimiter: b',',
+            quote: b'"',
+            null: String::new(),
+            header: true,
+            columns: Vec::new(),
+        }
+    }
+}
+
+/// Why decoding stopped early.
+#[derive(Debug)]
+pub enum DecodeFailure {
+    /// Reading the object failed (network, store): transient.
+    Source(io::Error),
+    /// The bytes are not a valid file of the expected format: permanent.
+    Format(FileError),
+}
+
+impl From<DecodeFailure> for LoadError {
+    fn from(f: DecodeFailure) -> Self {
+        match f {
+            DecodeFailure::Source(e) => LoadError::transient(Stage::Get, format!("reading the object failed: {e}")),
+            DecodeFailure::Format(e) => LoadError::Permanent(e),
+        }
+    }
+}
+
+/// A file being decoded: its columns, then batches of rows from a background thread.
+pub struct Decoded {
+    /// Column names as the file gives them; empty for a 0-byte file.
+    pub header: Vec<String>,
+    /// Per column: holds nested JSON (JSON lines only).
+    pub nested: Vec<bool>,
+    batches: mpsc::Receiver<Result<Batch, DecodeFailure>>,
+    /// Compressed bytes read from the source so far.
+    pub bytes_read: Arc<AtomicU64>,
+}
+
+impl Decoded {
+    /// The next batch; `None` once the file is fully and successfully read.
+    pub async fn next_batch(&mut self) -> Result<Option<Batch>, DecodeFailure> {
+        match self.batches.recv().await {
+            Some(Ok(batch)) => Ok(Some(batch)),
+            Some(Err(e)) => Err(e),
+            None => Ok(None),
+        }
+    }
+}
+
+type HeaderTx = tokio::sync::oneshot::Sender<Result<(Vec<String>, Vec<bool>), DecodeFailure>>;
+type BatchTx = mpsc::Sender<Result<Batch, DecodeFailure>>;
+
+/// Starts decoding `reader`, the object's raw bytes. `key` and `content_encoding` pick the
+/// compression, `options` (or `key`) the format. Returns once the columns are known.
+pub async fn decode(
+    reader: Box<dyn AsyncRead + Send + Unpin>,
+    key: &str,
+    content_encoding: Option<&str>,
+    options: FormatOptions,
+) -> Result<Decoded, DecodeFailure> {
+    let (header_tx, header_rx) = tokio::sync::oneshot::channel();
+    let (tx, rx) = mpsc::channel(CHANNEL_BATCHES);
+    let bytes_read = Arc::new(AtomicU64::new(0));
+    let declared = content_encoding
+        .and_then(Compression::from_content_encoding)
+        .or_else(|| Compression::from_key(key));
+    let format = options.format.unwrap_or_else(|| Format::from_key(key));
+    let source = SourceRead {
+        inner: SyncIoBridge::new(reader),
+        failed: Arc::new(AtomicBool::new(false)),
+        bytes: bytes_read.clone(),
+    };
+    tokio::task::spawn_blocking(move || {
+        let failed = source.failed.clone();
+        let classify = |e: io::Error, what: &str| {
+            if failed.load(Ordering::Relaxed) {
+                DecodeFailure::Source(e)
+            } else {
+                DecodeFailure::Format(FileError::new(FileErrorKind::Decode, format!("{what}: {e}")))
+            }
+        };
+        let mut raw = BufReader::with_capacity(256 * 1024, source);
+        let decompressed: Box<dyn BufRead> = match raw.fill_buf() {
+            Err(e) => {
+                let _ = header_tx.send(Err(classify(e, "reading the object")));
+                return;
+            }
+            Ok(head) => match declared.unwrap_or_else(|| Compression::from_magic(head)) {
+                Compression::None => Box::new(raw),
+                Compression::Gzip => Box::new(BufReader::with_capacity(
+                    256 * 1024,
+                    flate2::bufread::MultiGzDecoder::new(raw),
+                )),
+                Compression::Zstd => match zstd::stream::read::Decoder::with_buffer(raw) {
+                    Ok(d) => Box::new(BufReader::with_capacity(256 * 1024, d)),
+                    Err(e) => {
+                        let _ = header_tx.send(Err(classify(e, "zstd")));
+                        return;
+                    }
+                },
+            },
+        };
+        match format {
+            Format::Jsonl => decode_jsonl(decompressed, header_tx, tx, &classify),
+            Format::Csv | Format::Tsv => {
+                let mut options = options;
+                if format == Format::Tsv && options.format.is_none() {
+                    options.delimiter = b'\t';
+                }
+                decode_csv(decompressed, &options, header_tx, tx, &classify)
+            }
+        }
+    });
+    match header_rx.await {
+        Ok(Ok((header, nested))) => Ok(Decoded {
+            header,
+            nested,
+            batches: rx,
+            bytes_read,
+        }),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(DecodeFailure::Source(io::Error::other(
+            "the decoder stopped unexpectedly",
+        ))),
+    }
+}
+
+fn decode_error(message: impl Into<String>, line: u64, record: Option<u64>) -> DecodeFailure {
+    DecodeFailure::Format(
+        FileError::new(FileErrorKind::Decode, message)
+            .at_line(Some(line))
+            .at_record(record),
+    )
+}
+
+fn decode_csv(
+    input: Box<dyn BufRead>,
+    options: &FormatOptions,
+    header_tx: HeaderTx,
+    tx: BatchTx,
+    classify: &dyn Fn(io::Error, &str) -> DecodeFailure,
+) {
+    let mut reader = csv::CsvReader::new(input, options.delimiter, options.quote);
+    let mut record = csv::Record::default();
+    let fail = |e: Result<io::Error, csv::CsvError>, record: Option<u64>| match e {
+        Ok(io) => classify(io, "decompressing or reading the file"),
+        Err(c) => decode_error(format!("malformed CSV: {}", c.message), c.line, record),
+    };
+    let header: Vec<String> = if options.header {
+        match reader.read(&mut record) {
+            Ok(true) => match (0..record.len())
+                .map(|i| String::from_utf8(record.field(i).to_vec()))
+                .collect()
+            {
+                Ok(h) => h,
+                Err(_) => {
+                    let _ = header_tx.send(Err(decode_error("invalid UTF-8 in the header", record.line, None)));
+                    return;
+                }
+            },
+            Ok(false) => Vec::new(),
+            Err(e) => {
+                let _ = header_tx.send(Err(fail(e, None)));
+                return;
+            }
+        }
+    } else {
+        options.columns.clone()
+    };
+    let width = header.len();
+    if header_tx.send(Ok((header, vec![false; width]))).is_err() || width == 0 {
+        return;
+    }
+    let null = options.null.as_bytes();
+    let mut number = 1u64;
+    let mut batch = Batch::new(width, number);
+    loop {
+        match reader.read(&mut record) {
+            Ok(true) => {
+                let problem = if record.len() != width {
+                    Some(format!("row has {} fields but the header has {width}", record.len()))
+                } else if record.bytes().contains(&0) {
+                    let field = (0..width).position(|i| record.field(i).contains(&0)).unwrap_or(0);
+                    Some(format!("NUL byte in field {}", field + 1))
+                } else if std::str::from_utf8(record.bytes()).is_err() {
+                    let field = (0..width)
+                        .position(|i| std::str::from_utf8(record.field(i)).is_err())
+                        .unwrap_or(0);
+                    Some(format!("invalid UTF-8 in field {}", field + 1))
+                } else {
+                    None
+                };
+                if let Some(message) = problem {
+                    let _ = tx.blocking_send(Err(decode_error(message, record.line, Some(number))));
+                    return;
+                }
+                let fields = (0..width).map(|i| {
+                    let f = record.field(i);
+                    (record.quoted(i) || f != null).then_some(f)
+                });
+                batch.push_row(record.line, fields);
+                number += 1;
+                let full = batch.len() >= BATCH_ROWS || batch.text_len() >= BATCH_BYTES;
+                if full
+                    && tx
+                        .blocking_send(Ok(std::mem::replace(&mut batch, Batch::new(width, number))))
+                        .is_err()
+                {
+                    return; // the load was abandoned
+                }
+            }
+            Ok(false) => break,
+            Err(e) => {
+                let _ = tx.blocking_send(Err(fail(e, Some(number))));
+                return;
+            }
+        }
+    }
+    if !batch.is_empty() {
+        let _ = tx.blocking_send(Ok(batch));
+    }
+}
+
+fn decode_jsonl(
+    input: Box<dyn BufRead>,
+    header_tx: HeaderTx,
+    tx: BatchTx,
+    classify: &dyn Fn(io::Error, &str) -> DecodeFailure,
+) {
+    let mut reader = jsonl::JsonlReader::new(input);
+    let fail = |e: jsonl::ReadError| match e {
+        jsonl::ReadError::Io(io) => classify(io, "decompressing or reading the file"),
+        jsonl::ReadError::Bad(j) => jsonl_failure(j),
+    };
+    let mut sample = Vec::new();
+    while sample.len() < jsonl::SAMPLE_LINES {
+        match reader.next_object() {
+            Ok(Some(object)) => sample.push(object),
+            Ok(None) => break,
+            Err(e) => {
+                let _ = header_tx.send(Err(fail(e)));
+                return;
+            }
+        }
+    }
+    let (columns, nested) = jsonl::columns_of(&sample);
+    let width = columns.len();
+    if header_tx.send(Ok((columns.clone(), nested))).is_err() || width == 0 {
+        return;
+    }
+    let mut scratch = Vec::new();
+    let mut number = 1u64;
+    let mut batch = Batch::new(width, number);
+    let mut rest = sample.into_iter();
+    loop {
+        let next = match rest.next() {
+            Some(object) => Some(object),
+            None => match reader.next_object() {
+                Ok(o) => o,
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(fail(e)));
+                    return;
+                }
+            },
+        };
+        let Some((line, object)) = next else { break };
+        if let Err(e) = jsonl::push_object(&mut batch, &columns, line, number, &object, &mut scratch) {
+            let _ = tx.blocking_send(Err(jsonl_failure(e)));
+            return;
+        }
+        number += 1;
+        if (batch.len() >= BATCH_ROWS || batch.text_len() >= BATCH_BYTES)
+            && tx
+                .blocking_send(Ok(std::mem::replace(&mut batch, Batch::new(width, number))))
+                .is_err()
+        {
+            return;
+        }
+    }
+    if !batch.is_empty() {
+        let _ = tx.blocking_send(Ok(batch));
+    }
+}
+
+fn jsonl_failure(e: jsonl::JsonlError) -> DecodeFailure {
+    let kind = if e.schema {
+        FileErrorKind::Schema
+    } else {
+        FileErrorKind::Decode
+    };
+    let mut error = FileError::new(kind, e.message)
+        .at_line(Some(e.line))
+        .at_record(Some(e.record));
+    error.column = e.column;
+    DecodeFailure::Format(error)
+}
+
+/// The object's byte stream, remembering whether an error came from the source itself (so
+/// that a dropped connection is retried, while a corrupt file is not).
+struct SourceRead<R> {
+    inner: R,
+    failed: Arc<AtomicBool>,
+    bytes: Arc<AtomicU64>,
+}
+
+impl<R: Read> Read for SourceRead<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.inner.read(buf) {
+            Ok(n) => {
+                self.bytes.fetch_add(n as u64, Ordering::Relaxed);
+                Ok(n)
+            }
+            Err(e) => {
+                self.failed.store(true, Ordering::Relaxed);
+                Err(e)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    type Rows = Vec<Vec<Option<String>>>;
+
+    async fn decode_with(
+        bytes: Vec<u8>,
+        key: &str,
+        options: FormatOptions,
+    ) -> Result<(Vec<String>, Rows), DecodeFailure> {
+        let reader: Box<dyn AsyncRead + Send + Unpin> = Box::new(std::io::Cursor::new(bytes));
+        let mut d = super::decode(reader, key, None, options).await?;
+        let mut rows = Vec::new();
+        while let Some(b) = d.next_batch().await? {
+            rows.extend(b.into_strings());
+        }
+        Ok((d.header, rows))
+    }
+
+    async fn decode(bytes: Vec<u8>, key: &str) -> Result<(Vec<String>, Rows), DecodeFailure> {
+        decode_with(bytes, key, FormatOptions::default()).await
+    }
+
+    fn row(fields: &[Option<&str>]) -> Vec<Option<String>> {
+        fields.iter().map(|f| f.map(str::to_string)).collect()
+    }
+
+    #[tokio::test]
+    async fn rfc4180_quotes_newlines_crlf_bom_and_nulls_decode() {
+        let csv = "\u{feff}id,note,empty\r\n1,\"a, \"\"quoted\"\"\r\nline\",\r\n2,plain,\"\"\r\n";
+        let (header, rows) = decode(csv.as_bytes().to_vec(), "x.csv").await.unwrap();
+        assert_eq!(header, ["id", "note", "empty"]);
+        assert_eq!(
+            rows,
+            [
+                row(&[Some("1"), Some("a, \"quoted\"\r\nline"), None]),
+                row(&[Some("2"), Some("plain"), Some("")])
+            ]
+        );
+    }
+
+    #[test]
+    fn compression_and_format_come_from_encoding_extension_or_magic() {
+        let cases = [
+            (Some("gzip"), "a.csv", b"xx".as_slice(), Compression::Gzip),
+            (None, "a.csv.gz", b"xx", Compression::Gzip),
+            (None, "a.jsonl.zst", b"xx", Compression::Zstd),
+            (None, "a.csv", &[0x28, 0xb5, 0x2f, 0xfd], Compression::Zstd),
+            (None, "a.csv", &[0x1f, 0x8b], Compression::Gzip),
+            (Some("identity"), "a.csv", b"id", Compression::None),
+        ];
+        for (encoding, key, head, want) in cases {
+            let got = encoding
+                .and_then(Compression::from_content_encoding)
+                .or_else(|| Compression::from_key(key))
+                .unwrap_or_else(|| Compression::from_magic(head));
+            assert_eq!(got, want, "{encoding:?} {key}");
+        }
+        assert_eq!(Format::from_key("e/x.ndjson.gz"), Format::Jsonl);
+        assert_eq!(Format::from_key("e/x.TSV"), Format::Tsv);
+        assert_eq!(Format::from_key("e/x.txt"), Format::Csv);
+    }
+
+    #[tokio::test]
+    async fn gzip_and_zstd_decode_by_extension_or_magic_bytes() {
+        let csv = b"a,b\n1,2\n3,4\n";
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(csv).unwrap();
+        let gz = gz.finish().unwrap();
+        let zst = zstd::encode_all(&csv[..], 1).unwrap();
+        for (bytes, key) in [
+            (gz.clone(), "f.csv.gz"),
+            (gz, "f.csv"),
+            (zst.clone(), "f.csv.zst"),
+            (zst, "f.csv"),
+        ] {
+            let (header, rows) = decode(bytes, key).await.unwrap();
+            assert_eq!(header, ["a", "b"], "{key}");
+            assert_eq!(rows.len(), 2, "{key}");
+        }
+    }
+
+    #[tokio::test]
+    async fn tsv_and_headerless_csv_with_declared_columns() {
+        let (header, rows) = decode(b"a\tb\n1\t\"x\"\n".to_vec(), "f.tsv").await.unwrap();
+        assert_eq!(
+            (header, rows),
+            (vec!["a".to_string(), "b".into()], vec![row(&[Some("1"), Some("x")])])
+        );
+        let options = FormatOptions {
+            header: false,
+            columns: vec!["x".into(), "y".into()],
+            null: "\\N".into(),
+            ..Default::default()
+        };
+        let (header, rows) = decode_with(b"1,\\N\n2,\n".to_vec(), "f.csv", options).await.unwrap();
+        assert_eq!(header, ["x", "y"]);
+        assert_eq!(rows, [row(&[Some("1"), None]), row(&[Some("2"), Some("")])]);
+    }
+
+    #[tokio::test]
+    async fn json_lines_decode_with_nested_values_and_nulls() {
+        let jsonl = b"{\"id\": 1, \"name\": \"a\", \"tags\": [\"x\"]}\n\n{\"id\": 2.5, \"ok\": true, \"name\": null}\n";
+        let reader: Box<dyn AsyncRead + Send + Unpin> = Box::new(std::io::Cursor::new(jsonl.to_vec()));
+        let mut d = super::decode(reader, "e.jsonl", None, FormatOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(d.header, ["id", "name", "tags", "ok"]);
+        assert_eq!(d.nested, [false, false, true, false]);
+        let b = d.next_batch().await.unwrap().unwrap();
+        assert_eq!(b.line(1), 3);
+        assert_eq!(
+            b.into_strings(),
+            [
+                row(&[Some("1"), Some("a"), Some("[\"x\"]"), None]),
+                row(&[Some("2.5"), None, None, Some("true")])
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_bad_json_line_is_a_decode_error_with_its_line() {
+        let err = decode(b"{\"a\":1}\n{\"a\":\n".to_vec(), "e.jsonl").await.unwrap_err();
+        let DecodeFailure::Format(e) = err else {
+            panic!("{err:?}")
+        };
+        assert_eq!((e.kind, e.line), (FileErrorKind::Decode, Some(2)));
+    }
+
+    #[tokio::test]
+    async fn a_short_row_is_a_decode_error_with_its_line() {
+        let err = decode(b"a,b\n1,2\n3\n".to_vec(), "x.csv").await.unwrap_err();
+        let DecodeFailure::Format(e) = err else {
+            panic!("{err:?}")
+        };
+        assert_eq!(e.kind, FileErrorKind::Decode);
+        assert_eq!((e.line, e.record), (Some(3), Some(2)));
+        assert!(e.message.contains("1 fields but the header has 2"), "{}", e.message);
+    }
+
+    #[tokio::test]
+    async fn a_truncated_gzip_is_a_decode_error_not_a_retry() {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&b"a,b\n1,2\n".repeat(1000)).unwrap();
+        let mut gz = gz.finish().unwrap();
+        gz.truncate(gz.len() / 2);
+        let err = decode(gz, "x.csv.gz").await.unwrap_err();
+        assert!(
+            matches!(err, DecodeFailure::Format(ref e) if e.kind == FileErrorKind::Decode),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn invalid_utf8_and_nul_bytes_are_decode_errors() {
+        let err = decode(b"a,b\n1,\xff\xfe\n".to_vec(), "x.csv").await.unwrap_err();
+        assert!(
+            matches!(err, DecodeFailure::Format(ref e) if e.line == Some(2)),
+            "{err:?}"
+        );
+        let err = decode(b"a,b\n1,2\n3,x\x00y\n".to_vec(), "x.csv").await.unwrap_err();
+        let DecodeFailure::Format(e) = err else {
+            panic!("{err:?}")
+        };
+        assert_eq!((e.line, e.message.as_str()), (Some(3), "NUL byte in field 2"));
+    }
+
+    #[tokio::test]
+    async fn an_empty_file_has_no_columns_and_no_rows() {
+        let (header, rows) = decode(Vec::new(), "x.csv").await.unwrap();
+        assert!(header.is_empty() && rows.is_empty());
+    }
+}
