@@ -249,3 +249,73 @@ impl App {
         Ok(moved)
     }
 }
+
+/// What `validate` found.
+#[derive(Debug)]
+pub struct Validation {
+    pub key: String,
+    pub spec: crate::routes::LoadSpec,
+    pub columns: Vec<(String, crate::schema::ColumnType)>,
+    pub rows: u64,
+    pub error: Option<crate::error::FileError>,
+}
+
+/// `validate FILE`: decodes a local file with the settings of the route its `key` (relative to
+/// `incoming/`) would get, checks its names and every value against the types a new table
+/// would get, and touches no database.
+pub async fn validate_file(config: &Config, path: &std::path::Path, key: &str) -> anyhow::Result<Validation> {
+    use crate::error::{FileError, FileErrorKind};
+    let spec = Routes::new(config).resolve(key);
+    let file = tokio::fs::File::open(path)
+        .await
+        .with_context(|| format!("opening {}", path.display()))?;
+    let mut validation = Validation {
+        key: key.to_string(),
+        spec: spec.clone(),
+        columns: Vec::new(),
+        rows: 0,
+        error: None,
+    };
+    if let Err(e) = &spec.table {
+        validation.error = Some(e.clone());
+        return Ok(validation);
+    }
+    let result: Result<(), FileError> = async {
+        let mut decoded = crate::format::decode(Box::new(file), key, None, spec.format.clone())
+            .await
+            .map_err(|e| match e {
+                crate::format::DecodeFailure::Format(f) => f,
+                crate::format::DecodeFailure::Source(io) => FileError::new(FileErrorKind::Source, io.to_string()),
+            })?;
+        if decoded.header.is_empty() {
+            return Ok(());
+        }
+        let names = crate::sink::file_columns(&decoded.header)?;
+        let as_file_error = |e: crate::format::DecodeFailure| match e {
+            crate::format::DecodeFailure::Format(f) => f,
+            crate::format::DecodeFailure::Source(io) => FileError::new(FileErrorKind::Source, io.to_string()),
+        };
+        let first = decoded.next_batch().await.map_err(as_file_error)?;
+        let plan = crate::sink::plan_load("(new)", &names, &decoded.nested, None, &spec, first.as_ref())?;
+        validation.columns = plan.columns.iter().cloned().zip(plan.types.iter().copied()).collect();
+        let mut batch = first;
+        while let Some(b) = batch {
+            for r in 0..b.len() {
+                for ((value, ty), column) in b.row(r).zip(&plan.types).zip(&plan.columns) {
+                    ty.convert(value).map_err(|m| {
+                        FileError::new(FileErrorKind::Type, m)
+                            .at_line(Some(b.line(r)))
+                            .at_record(Some(b.record(r)))
+                            .in_column(column.clone())
+                    })?;
+                }
+                validation.rows += 1;
+            }
+            batch = decoded.next_batch().await.map_err(as_file_error)?;
+        }
+        Ok(())
+    }
+    .await;
+    validation.error = result.err();
+    Ok(validation)
+}

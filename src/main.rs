@@ -37,6 +37,16 @@ enum Command {
         #[arg(long)]
         prefix: Option<String>,
     },
+    /// Decode a local file as the loader would (its route, format, names and types) and say
+    /// what would load or why it would fail, without touching any database.
+    Validate {
+        /// The file to check.
+        file: PathBuf,
+        /// Its key relative to incoming/, which picks the route and the table (default: the
+        /// path after `incoming/` if it has one, else the file name).
+        #[arg(long)]
+        key: Option<String>,
+    },
     /// Exit 0 when the daemon's /healthz answers 200 (for container health checks).
     Healthcheck {
         /// Defaults to /healthz on the configured http.listen port, via 127.0.0.1.
@@ -81,6 +91,7 @@ async fn run(cli: Cli) -> ExitCode {
         Command::Check => check(config).await,
         Command::Status => status(config).await,
         Command::RetryFailed { prefix } => retry_failed(config, prefix).await,
+        Command::Validate { file, key } => validate(config, file, key).await,
         Command::Healthcheck { url } => {
             let port = config.listen_addr().port();
             return healthcheck(url.unwrap_or_else(|| format!("http://127.0.0.1:{port}/healthz"))).await;
@@ -144,6 +155,52 @@ async fn retry_failed(config: Config, prefix: Option<String>) -> anyhow::Result<
     let moved = app.retry_failed(prefix.as_deref()).await?;
     println!("moved {moved} file(s) from failed/ back to incoming/");
     Ok(ExitCode::SUCCESS)
+}
+
+async fn validate(config: Config, file: PathBuf, key: Option<String>) -> anyhow::Result<ExitCode> {
+    let key = key.unwrap_or_else(|| {
+        let path = file.to_string_lossy();
+        match path.rsplit_once("incoming/") {
+            Some((_, rest)) => rest.to_string(),
+            None => file
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        }
+    });
+    let v = s3_sql_loader::app::validate_file(&config, &file, &key).await?;
+    println!("file:     {}", file.display());
+    println!("key:      incoming/{}", v.key);
+    match &v.spec.table {
+        Ok(table) => println!(
+            "target:   table {table:?}, {} mode, format {}",
+            format!("{:?}", v.spec.write_mode).to_lowercase(),
+            v.spec
+                .format
+                .format
+                .map(|f| format!("{f:?}").to_lowercase())
+                .unwrap_or_else(|| "by extension".into())
+        ),
+        Err(_) => println!("target:   none"),
+    }
+    if !v.columns.is_empty() {
+        let columns: Vec<String> = v.columns.iter().map(|(c, t)| format!("{c} {}", t.describe())).collect();
+        println!("columns:  {}", columns.join(", "));
+    }
+    println!("rows:     {}", v.rows);
+    match v.error {
+        None => {
+            println!(
+                "result:   ok: would load {} row(s) (types as a new table would get them)",
+                v.rows
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(e) => {
+            println!("result:   would FAIL ({}): {e}", e.kind.as_str());
+            Ok(ExitCode::FAILURE)
+        }
+    }
 }
 
 /// A bare HTTP/1.1 GET, so the container image needs no curl or wget.

@@ -118,3 +118,36 @@ fn healthcheck_fails_when_nothing_listens() {
     assert_eq!(status.code(), Some(1));
     assert!(stderr.contains("unhealthy"), "{stderr}");
 }
+
+#[test]
+fn validate_says_what_would_load_or_why_not_without_a_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("in/incoming/orders")).unwrap();
+    std::fs::write(d.join("in/incoming/orders/good.csv"), orders_csv(1, 12)).unwrap();
+    // Types come from the first 1000 rows; a value after them that does not fit fails the file.
+    let mut bad = String::from("id,amount\n");
+    for i in 1..=1100 {
+        bad.push_str(&format!("{i},{}\n", i * 2));
+    }
+    bad.push_str("x,4\n");
+    std::fs::write(d.join("bad.csv"), bad).unwrap();
+    // The database URL points nowhere: validate must not need it.
+    let env = kv(&[("LOADER_DATABASE__URL", "postgres://nobody@127.0.0.1:1/none")]);
+    let (status, stdout, stderr) = run(d, &["validate", "in/incoming/orders/good.csv"], &env);
+    assert!(status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("target:   table \"orders\""), "{stdout}");
+    assert!(
+        stdout.contains("id integer, customer text, amount number, paid boolean"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("would load 12 row(s)"), "{stdout}");
+    let (status, stdout, _) = run(d, &["validate", "bad.csv", "--key", "prices/bad.csv"], &env);
+    assert_eq!(status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("would FAIL (type): \"x\" is not a valid integer (line 1102) (column id)")
+            && stdout.contains("rows:     1100\n"),
+        "{stdout}"
+    );
+    assert!(!d.join("data").exists(), "validate creates no folders or databases");
+}

@@ -12,6 +12,7 @@
 //! A process that dies mid-load loses its connection, so the database rolls back the rows and
 //! releases the lock; whoever lists the file next loads it.
 
+pub mod mysql;
 pub mod postgres;
 pub mod sqlite;
 
@@ -67,6 +68,7 @@ pub enum LoadOutcome {
 /// The target database.
 pub enum Database {
     Postgres(postgres::PgSink),
+    MySql(mysql::MySqlSink),
     Sqlite(sqlite::SqliteSink),
 }
 
@@ -99,7 +101,7 @@ impl Database {
         Ok(match config.dialect().map_err(anyhow::Error::msg)? {
             Dialect::Postgres => Database::Postgres(postgres::PgSink::connect_lazy(url, config, options)?),
             Dialect::Sqlite => Database::Sqlite(sqlite::SqliteSink::connect_lazy(url, config, options)?),
-            Dialect::MySql => anyhow::bail!("database.url: MySQL/MariaDB is not supported yet"),
+            Dialect::MySql => Database::MySql(mysql::MySqlSink::connect_lazy(url, config, options)?),
         })
     }
 
@@ -107,6 +109,7 @@ impl Database {
     pub async fn ensure_ledger(&self) -> Result<(), LoadError> {
         match self {
             Database::Postgres(s) => s.ensure_ledger().await,
+            Database::MySql(s) => s.ensure_ledger().await,
             Database::Sqlite(s) => s.ensure_ledger().await,
         }
         .map_err(|e| db_error(e, Stage::Database))
@@ -116,6 +119,7 @@ impl Database {
     pub async fn ping(&self) -> Result<(), String> {
         match self {
             Database::Postgres(s) => s.ping().await,
+            Database::MySql(s) => s.ping().await,
             Database::Sqlite(s) => s.ping().await,
         }
         .map_err(|e| e.to_string())
@@ -131,6 +135,7 @@ impl Database {
     {
         match self {
             Database::Postgres(s) => s.load(file, spec, open).await,
+            Database::MySql(s) => s.load(file, spec, open).await,
             Database::Sqlite(s) => s.load(file, spec, open).await,
         }
     }
@@ -140,6 +145,7 @@ impl Database {
     pub async fn record_transient(&self, file: FileRef<'_>, stage: Stage, message: &str) -> Result<(), LoadError> {
         match self {
             Database::Postgres(s) => s.record_transient(file, stage, message).await,
+            Database::MySql(s) => s.record_transient(file, stage, message).await,
             Database::Sqlite(s) => s.record_transient(file, stage, message).await,
         }
         .map_err(|e| db_error(e, Stage::Database))
@@ -149,6 +155,7 @@ impl Database {
     pub async fn reset_failed(&self, source: &str, key: &str) -> Result<u64, LoadError> {
         match self {
             Database::Postgres(s) => s.reset_failed(source, key).await,
+            Database::MySql(s) => s.reset_failed(source, key).await,
             Database::Sqlite(s) => s.reset_failed(source, key).await,
         }
         .map_err(|e| db_error(e, Stage::Database))
@@ -157,6 +164,7 @@ impl Database {
     pub async fn close(&self) {
         match self {
             Database::Postgres(s) => s.close().await,
+            Database::MySql(s) => s.close().await,
             Database::Sqlite(s) => s.close().await,
         }
     }

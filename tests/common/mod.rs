@@ -465,3 +465,152 @@ impl Drop for CloudWatchBridge {
         let _ = self.child.wait();
     }
 }
+
+/// Admin URL of the MariaDB/MySQL server used by the tests.
+pub fn mysql_admin_url() -> String {
+    std::env::var("TEST_MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into())
+}
+
+/// A fresh MariaDB/MySQL database for one test, dropped afterwards.
+pub struct MyDb {
+    pub name: String,
+    pub url: String,
+    pub pool: sqlx::MySqlPool,
+}
+
+impl MyDb {
+    pub async fn create(test: &str) -> MyDb {
+        let admin_url = mysql_admin_url();
+        let name = format!("loader_{test}_{}", std::process::id());
+        let admin = sqlx::MySqlPool::connect(&admin_url)
+            .await
+            .expect("MariaDB must be reachable (TEST_MYSQL_URL)");
+        sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS `{name}`")))
+            .execute(&admin)
+            .await
+            .unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE `{name}`")))
+            .execute(&admin)
+            .await
+            .unwrap();
+        admin.close().await;
+        let (base, _) = admin_url.rsplit_once('/').unwrap();
+        let url = format!("{base}/{name}");
+        let pool = sqlx::MySqlPool::connect(&url).await.unwrap();
+        MyDb { name, url, pool }
+    }
+
+    pub async fn count(&self, sql: &'static str) -> i64 {
+        sqlx::query_scalar::<_, i64>(sql).fetch_one(&self.pool).await.unwrap()
+    }
+}
+
+impl Drop for MyDb {
+    fn drop(&mut self) {
+        let url = mysql_admin_url();
+        let hostport = url
+            .split('@')
+            .nth(1)
+            .and_then(|r| r.split('/').next())
+            .unwrap_or("127.0.0.1:3306");
+        let (host, port) = hostport.split_once(':').unwrap_or((hostport, "3306"));
+        let _ = Command::new("mysql")
+            .args([
+                "-h",
+                host,
+                "-P",
+                port,
+                "-u",
+                "root",
+                "-e",
+                &format!("DROP DATABASE IF EXISTS `{}`", self.name),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// `data` compressed with zstd.
+pub fn zstd(data: &[u8]) -> Vec<u8> {
+    zstd::encode_all(data, 3).unwrap()
+}
+
+/// The orders of [`orders_csv`] as JSON lines, with a nested value.
+pub fn orders_jsonl(first: u64, rows: u64) -> String {
+    (first..first + rows)
+        .map(|id| {
+            format!(
+                "{{\"id\": {id}, \"customer\": \"customer {id}, inc\", \"amount\": {}.{:02}, \"paid\": {}, \"created_on\": \"2026-11-{:02}\", \"tags\": [\"t{}\"]}}\n",
+                id % 1000,
+                id % 100,
+                id % 2 == 0,
+                id % 28 + 1,
+                id % 3
+            )
+        })
+        .collect()
+}
+
+/// A test database of any of the three kinds, for scenarios run against each.
+pub enum AnyDb {
+    Postgres(PgDb),
+    MySql(MyDb),
+    Sqlite { url: String, pool: sqlx::SqlitePool },
+}
+
+impl AnyDb {
+    pub async fn postgres(test: &str) -> AnyDb {
+        AnyDb::Postgres(PgDb::create(test).await)
+    }
+
+    pub async fn mysql(test: &str) -> AnyDb {
+        AnyDb::MySql(MyDb::create(test).await)
+    }
+
+    pub async fn sqlite(dir: &Path) -> AnyDb {
+        let url = format!("sqlite://{}/test.db", dir.display());
+        let options = <sqlx::sqlite::SqliteConnectOptions as std::str::FromStr>::from_str(&url)
+            .unwrap()
+            .create_if_missing(true);
+        let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
+        AnyDb::Sqlite { url, pool }
+    }
+
+    pub fn url(&self) -> &str {
+        match self {
+            AnyDb::Postgres(d) => &d.url,
+            AnyDb::MySql(d) => &d.url,
+            AnyDb::Sqlite { url, .. } => url,
+        }
+    }
+
+    /// Runs a query returning one integer (portable SQL only).
+    pub async fn scalar(&self, sql: &str) -> i64 {
+        let sql = sqlx::AssertSqlSafe(sql.to_string());
+        match self {
+            AnyDb::Postgres(d) => sqlx::query_scalar::<_, i64>(sql).fetch_one(&d.pool).await.unwrap(),
+            AnyDb::MySql(d) => sqlx::query_scalar::<_, i64>(sql).fetch_one(&d.pool).await.unwrap(),
+            AnyDb::Sqlite { pool, .. } => sqlx::query_scalar::<_, i64>(sql).fetch_one(pool).await.unwrap(),
+        }
+    }
+
+    /// Runs a query returning one text value (portable SQL only).
+    pub async fn text(&self, sql: &str) -> Option<String> {
+        let sql = sqlx::AssertSqlSafe(sql.to_string());
+        match self {
+            AnyDb::Postgres(d) => sqlx::query_scalar::<_, Option<String>>(sql)
+                .fetch_one(&d.pool)
+                .await
+                .unwrap(),
+            AnyDb::MySql(d) => sqlx::query_scalar::<_, Option<String>>(sql)
+                .fetch_one(&d.pool)
+                .await
+                .unwrap(),
+            AnyDb::Sqlite { pool, .. } => sqlx::query_scalar::<_, Option<String>>(sql)
+                .fetch_one(pool)
+                .await
+                .unwrap(),
+        }
+    }
+}

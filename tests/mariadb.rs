@@ -1,0 +1,182 @@
+//! The core scenarios against MariaDB: S3 (moto) through the real binary, CSV, JSON lines and
+//! zstd; bad files; a commit whose move failed; two loaders at once.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+fn env(moto: &Moto, bucket: &str, db: &MyDb, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut env = moto.env();
+    env.extend(kv(&[
+        ("LOADER_SOURCE__URL", &format!("s3://{bucket}")),
+        ("LOADER_DATABASE__URL", &db.url),
+        ("LOADER_SCHEDULE__INTERVAL", "1s"),
+    ]));
+    env.extend(kv(extra));
+    env
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn csv_jsonl_and_zstd_files_load_into_mariadb_and_move() {
+    let moto = Moto::start();
+    let bucket = Bucket::create(&moto, "maria").await;
+    let db = MyDb::create("e2e").await;
+    bucket.put("incoming/orders/2026/11/a.csv", orders_csv(1, 100)).await;
+    bucket
+        .put(
+            "incoming/orders/2026/12/b.csv.zst",
+            zstd(orders_csv(101, 50).as_bytes()),
+        )
+        .await;
+    bucket.put("incoming/events/x.jsonl", orders_jsonl(1, 20)).await;
+    bucket
+        .put("incoming/events/y.jsonl.zst", zstd(orders_jsonl(21, 5).as_bytes()))
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let loader = Loader::spawn(dir.path(), &env(&moto, "maria", &db, &[]));
+    loader.wait_up().await;
+    wait_until(Duration::from_secs(60), "4 files loaded", || async {
+        let s = loader.status().await;
+        s["totals"]["files_loaded"] == 4 && s["backlog"]["files"] == 0
+    })
+    .await;
+    assert!(bucket.keys("incoming/").await.is_empty());
+    assert_eq!(bucket.keys("processed/").await.len(), 4);
+    assert_eq!(db.count("SELECT count(*) FROM orders").await, 150);
+    assert_eq!(db.count("SELECT count(DISTINCT id) FROM orders").await, 150);
+    assert_eq!(
+        db.count("SELECT CAST(sum(id) AS SIGNED) FROM orders").await,
+        (1..=150).sum::<i64>()
+    );
+    assert_eq!(db.count("SELECT count(*) FROM events").await, 25);
+    assert_eq!(db.count("SELECT count(*) FROM events WHERE JSON_VALID(tags)").await, 25);
+    assert_eq!(
+        db.count("SELECT count(*) FROM s3_sql_loader_files WHERE state = 'loaded' AND attempts = 1")
+            .await,
+        4
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_files_fail_with_reports_and_leave_no_rows_in_mariadb() {
+    let moto = Moto::start();
+    let bucket = Bucket::create(&moto, "maria-bad").await;
+    let db = MyDb::create("bad").await;
+    let dir = tempfile::tempdir().unwrap();
+    let env = env(&moto, "maria-bad", &db, &[]);
+    bucket.put("incoming/orders/first.csv", orders_csv(1, 10)).await;
+    let (status, stdout, stderr) = run(dir.path(), &["once"], &env);
+    assert!(status.success(), "{stdout}{stderr}");
+    let mut typed = orders_csv(100, 3);
+    typed.push_str("103,x,not-a-number,true,2026-11-01\n");
+    bucket.put("incoming/orders/typed.csv", typed).await;
+    bucket
+        .put("incoming/orders/ragged.csv", "id,customer\n1,a,extra\n")
+        .await;
+    bucket
+        .put("incoming/events/bad.jsonl", "{\"id\": 1}\n{\"id\": \n")
+        .await;
+    bucket.put("incoming/orders/good.csv", orders_csv(200, 5)).await;
+    let (status, stdout, _) = run(dir.path(), &["once"], &env);
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        stdout.contains("loaded 1 (5 rows)") && stdout.contains("failed 3"),
+        "{stdout}"
+    );
+    let typed: serde_json::Value =
+        serde_json::from_slice(&bucket.get("failed/orders/typed.csv.error.json").await).unwrap();
+    assert_eq!(
+        (typed["error"]["kind"].as_str(), typed["error"]["line"].as_u64()),
+        (Some("type"), Some(5))
+    );
+    assert_eq!(typed["error"]["column"], "amount");
+    let jsonl: serde_json::Value =
+        serde_json::from_slice(&bucket.get("failed/events/bad.jsonl.error.json").await).unwrap();
+    assert_eq!(
+        (jsonl["error"]["kind"].as_str(), jsonl["error"]["line"].as_u64()),
+        (Some("decode"), Some(2))
+    );
+    assert_eq!(db.count("SELECT count(*) FROM orders").await, 15);
+    assert_eq!(
+        db.count("SELECT count(*) FROM orders WHERE id >= 100 AND id < 200")
+            .await,
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mariadb_commit_whose_move_failed_is_moved_later_without_duplicates() {
+    let db = MyDb::create("crash_move").await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_old(&d.join("data/incoming/orders/a.csv"), orders_csv(1, 40).as_bytes());
+    write_old(
+        &d.join("data/processed/orders"),
+        b"a file where the move needs a folder",
+    );
+    let env = kv(&[("LOADER_DATABASE__URL", &db.url)]);
+    let (status, stdout, _) = run(d, &["once"], &env);
+    assert_eq!(status.code(), Some(1), "{stdout}");
+    assert_eq!(db.count("SELECT count(*) FROM orders").await, 40);
+    std::fs::remove_file(d.join("data/processed/orders")).unwrap();
+    let (status, stdout, stderr) = run(d, &["once"], &env);
+    assert!(status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("already loaded 1"), "{stdout}");
+    assert_eq!(files_under(&d.join("data/processed")), ["orders/a.csv"]);
+    assert_eq!(db.count("SELECT count(*) FROM orders").await, 40);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_loaders_on_one_bucket_load_each_file_once_into_mariadb() {
+    let moto = Moto::start();
+    let bucket = Bucket::create(&moto, "maria-replicas").await;
+    let db = MyDb::create("replicas").await;
+    for i in 0..200u64 {
+        bucket
+            .put(&format!("incoming/orders/{i:03}.csv"), orders_csv(i * 10 + 1, 10))
+            .await;
+    }
+    let env = env(
+        &moto,
+        "maria-replicas",
+        &db,
+        &[
+            ("LOADER_WORKERS__CONCURRENCY", "3"),
+            ("LOADER_SCHEDULE__MAX_FILES_PER_TICK", "200"),
+        ],
+    );
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut a = Loader::spawn(dir_a.path(), &env);
+    let mut b = Loader::spawn(dir_b.path(), &env);
+    a.wait_up().await;
+    b.wait_up().await;
+    wait_until(Duration::from_secs(120), "200 files processed", || async {
+        bucket.keys("processed/").await.len() == 200 && bucket.keys("incoming/").await.is_empty()
+    })
+    .await;
+    for l in [&a, &b] {
+        wait_until(Duration::from_secs(20), "idle", || async {
+            l.status().await["in_flight"] == 0
+        })
+        .await;
+    }
+    for l in [&mut a, &mut b] {
+        l.signal(libc::SIGTERM);
+        assert!(l.wait_exit(Duration::from_secs(15)).expect("exits").success());
+    }
+    let (loaded_a, loaded_b) = (a.log_events("loaded").len(), b.log_events("loaded").len());
+    assert_eq!(loaded_a + loaded_b, 200, "every file loaded exactly once");
+    assert!(
+        loaded_a > 0 && loaded_b > 0,
+        "both loaders did work: {loaded_a} + {loaded_b}"
+    );
+    assert_eq!(db.count("SELECT count(*) FROM orders").await, 2000);
+    assert_eq!(db.count("SELECT count(DISTINCT id) FROM orders").await, 2000);
+    assert_eq!(
+        db.count("SELECT CAST(sum(attempts) AS SIGNED) FROM s3_sql_loader_files")
+            .await,
+        200
+    );
+}
