@@ -283,18 +283,12 @@ pub async fn validate_file(config: &Config, path: &std::path::Path, key: &str) -
     let result: Result<(), FileError> = async {
         let mut decoded = crate::format::decode(Box::new(file), key, None, spec.format.clone())
             .await
-            .map_err(|e| match e {
-                crate::format::DecodeFailure::Format(f) => f,
-                crate::format::DecodeFailure::Source(io) => FileError::new(FileErrorKind::Source, io.to_string()),
-            })?;
+            .map_err(crate::format::DecodeFailure::into_file_error)?;
         if decoded.header.is_empty() {
             return Ok(());
         }
         let names = crate::sink::file_columns(&decoded.header)?;
-        let as_file_error = |e: crate::format::DecodeFailure| match e {
-            crate::format::DecodeFailure::Format(f) => f,
-            crate::format::DecodeFailure::Source(io) => FileError::new(FileErrorKind::Source, io.to_string()),
-        };
+        let as_file_error = crate::format::DecodeFailure::into_file_error;
         let first = decoded.next_batch().await.map_err(as_file_error)?;
         let plan = crate::sink::plan_load("(new)", &names, &decoded.nested, None, &spec, first.as_ref())?;
         validation.columns = plan.columns.iter().cloned().zip(plan.types.iter().copied()).collect();

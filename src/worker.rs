@@ -10,7 +10,7 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::error::{FileError, LoadError, Stage};
-use crate::format::decode;
+use crate::format::open as open_stream;
 use crate::routes::Routes;
 use crate::sink::{Database, FileRef, LoadOutcome};
 use crate::source::{Area, FAILED, INCOMING, MoveOutcome, ObjectMeta, Source};
@@ -109,18 +109,21 @@ impl Worker {
     async fn load_and_move(&self, obj: &ObjectMeta) -> Result<FileOutcome, LoadError> {
         let file = self.file_ref(obj);
         let spec = self.routes.resolve(&obj.key);
-        let open = || async {
+        let spec = &spec;
+        let open = |mode| async move {
             let opened = self.source.open(obj).await.map_err(|e| e.into_load_error(Stage::Get))?;
-            decode(
+            let format = spec.format.clone();
+            open_stream(
                 opened.reader,
                 &obj.key,
                 opened.content_encoding.as_deref(),
-                spec.format.clone(),
+                format,
+                mode,
             )
             .await
             .map_err(LoadError::from)
         };
-        match self.db.load(file, &spec, open).await? {
+        match self.db.load(file, spec, open).await? {
             LoadOutcome::Loaded { rows } => {
                 self.move_to(obj, Area::Processed).await?;
                 Ok(FileOutcome::Loaded { rows })

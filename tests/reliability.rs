@@ -290,8 +290,8 @@ async fn sigterm_with_a_short_grace_rolls_the_load_back_exits_0_and_a_restart_lo
     let proxy = S3Proxy::start(&moto.endpoint).await;
     let bucket = Bucket::create(&moto, "abandon").await;
     let db = PgDb::create("abandon").await;
-    bucket.put("incoming/orders/big.csv", orders_csv(1, 20_000)).await;
-    proxy.set_rules(vec![throttle("big.csv", 100_000)]);
+    bucket.put("incoming/orders/big.csv", orders_csv(1, 60_000)).await;
+    proxy.set_rules(vec![throttle("big.csv", 200_000)]);
     let env = s3_env(
         &moto,
         &proxy.endpoint,
@@ -333,8 +333,8 @@ async fn sigterm_with_a_short_grace_rolls_the_load_back_exits_0_and_a_restart_lo
     proxy.set_rules(vec![]);
     let (status, stdout, stderr) = run(dir.path(), &["once"], &env);
     assert!(status.success(), "{stdout}{stderr}");
-    assert_eq!(db.count("SELECT count(*) FROM orders").await, 20_000);
-    assert_eq!(db.count("SELECT count(DISTINCT id) FROM orders").await, 20_000);
+    assert_eq!(db.count("SELECT count(*) FROM orders").await, 60_000);
+    assert_eq!(db.count("SELECT count(DISTINCT id) FROM orders").await, 60_000);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -343,3 +343,71 @@ async fn two_loaders_on_one_bucket_never_load_a_file_twice() {
         200
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn csv_that_copy_would_misread_is_loaded_through_the_parser_instead() {
+    let db = PgDb::create("passthrough").await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let files = [
+        (
+            "notes/plain.csv",
+            "id,note\n1,a\n2,\"b,\"\"c\"\"\nd\"\n3,\"\"\n4,\n".to_string(),
+        ),
+        ("notes/blank_line.csv", "id,note\n5,a\n\n6,b\n".into()),
+        ("notes/inner_quote.csv", "id,note\n7,5\" disk\n".into()),
+        ("notes/mixed_line_ends.csv", "id,note\r\n8,a\r\n9,b\n".into()),
+        ("notes/bom_crlf.csv", "\u{feff}id,note\r\n10,a\r\n".into()),
+        // COPY would stop at a line holding only \. and load half the file; the parser loads all.
+        ("marks/m.csv", "mark\nx\n\\.\ny\n".into()),
+    ];
+    // The tables exist, so every file goes to COPY as raw bytes when it safely can.
+    sqlx::query("CREATE TABLE notes (id bigint, note text)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query("CREATE TABLE marks (mark text)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    for (key, csv) in &files {
+        write_old(&d.join("data/incoming").join(key), csv.as_bytes());
+    }
+    let (status, stdout, stderr) = run(
+        d,
+        &["once"],
+        &kv(&[("LOADER_DATABASE__URL", &db.url), ("RUST_LOG", "info")]),
+    );
+    assert!(status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("loaded 6 (13 rows)"), "{stdout}");
+    let notes: Vec<(i64, Option<String>)> = sqlx::query_as("SELECT id, note FROM notes ORDER BY id")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    let note = |id: i64, n: Option<&str>| (id, n.map(str::to_string));
+    assert_eq!(
+        notes,
+        [
+            note(1, Some("a")),
+            note(2, Some("b,\"c\"\nd")),
+            note(3, Some("")),
+            note(4, None),
+            note(5, Some("a")),
+            note(6, Some("b")),
+            note(7, Some("5\" disk")),
+            note(8, Some("a")),
+            note(9, Some("b")),
+            note(10, Some("a")),
+        ]
+    );
+    let marks: Vec<String> = sqlx::query_scalar("SELECT mark FROM marks ORDER BY mark")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(marks, ["\\.", "x", "y"]);
+    let refused = stderr.matches("passthrough refused").count();
+    assert_eq!(
+        refused, 4,
+        "blank line, inner quote, mixed line ends and the marker fall back:\n{stderr}"
+    );
+}

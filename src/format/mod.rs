@@ -7,6 +7,7 @@
 mod batch;
 pub mod csv;
 pub mod jsonl;
+pub mod raw;
 
 use std::io::{self, BufRead, BufReader, Read};
 use std::sync::Arc;
@@ -129,6 +130,20 @@ pub enum DecodeFailure {
     Source(io::Error),
     /// The bytes are not a valid file of the expected format: permanent.
     Format(FileError),
+    /// Raw passthrough cannot be trusted with this file (see [`raw`]): load it through the
+    /// parser instead. Never leaves the sink.
+    Unsuitable(&'static str),
+}
+
+impl DecodeFailure {
+    /// As a file's error, for reports that do not distinguish retries (`validate`).
+    pub fn into_file_error(self) -> FileError {
+        match self {
+            DecodeFailure::Format(e) => e,
+            DecodeFailure::Source(e) => FileError::new(FileErrorKind::Source, e.to_string()),
+            DecodeFailure::Unsuitable(why) => FileError::new(FileErrorKind::Decode, why),
+        }
+    }
 }
 
 impl From<DecodeFailure> for LoadError {
@@ -136,6 +151,9 @@ impl From<DecodeFailure> for LoadError {
         match f {
             DecodeFailure::Source(e) => LoadError::transient(Stage::Get, format!("reading the object failed: {e}")),
             DecodeFailure::Format(e) => LoadError::Permanent(e),
+            DecodeFailure::Unsuitable(why) => {
+                LoadError::transient(Stage::Decode, format!("passthrough refused: {why}"))
+            }
         }
     }
 }
@@ -165,26 +183,88 @@ impl Decoded {
 type HeaderTx = tokio::sync::oneshot::Sender<Result<(Vec<String>, Vec<bool>), DecodeFailure>>;
 type BatchTx = mpsc::Sender<Result<Batch, DecodeFailure>>;
 
-/// Starts decoding `reader`, the object's raw bytes. `key` and `content_encoding` pick the
-/// compression, `options` (or `key`) the format. Returns once the columns are known.
-pub async fn decode(
+/// How the sink wants the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Decoded rows.
+    Rows,
+    /// CSV passed through as raw bytes, with the header and a sample (see [`raw`]).
+    Raw,
+}
+
+/// A file being read, as the sink asked for it.
+pub enum Stream {
+    Rows(Decoded),
+    Raw(RawDecoded),
+}
+
+/// One piece of a raw stream.
+pub enum RawChunk {
+    Bytes(Vec<u8>),
+    /// The end, with the number of records the scanner counted (the header included).
+    End {
+        records: u64,
+    },
+}
+
+/// A CSV file passed through as bytes.
+pub struct RawDecoded {
+    pub header: Vec<String>,
+    /// Whether the file has a header line (which COPY must skip).
+    pub has_header: bool,
+    pub sample: Option<Batch>,
+    chunks: mpsc::Receiver<Result<RawChunk, DecodeFailure>>,
+}
+
+impl RawDecoded {
+    /// The next piece; `Err(DecodeFailure::Unsuitable)` means: load it through the parser.
+    pub async fn next(&mut self) -> Result<RawChunk, DecodeFailure> {
+        match self.chunks.recv().await {
+            Some(result) => result,
+            None => Err(DecodeFailure::Source(io::Error::other(
+                "the reader stopped unexpectedly",
+            ))),
+        }
+    }
+}
+
+/// Whether a file with these options can go to COPY as raw bytes (CSV or TSV).
+pub fn passthrough_possible(key: &str, options: &FormatOptions) -> bool {
+    matches!(
+        options.format.unwrap_or_else(|| Format::from_key(key)),
+        Format::Csv | Format::Tsv
+    )
+}
+
+/// Starts reading `reader`, the object's raw bytes, in `mode` (`Raw` only for CSV and TSV).
+/// `key` and `content_encoding` pick the compression, `options` (or `key`) the format.
+/// Returns once the columns are known.
+pub async fn open(
     reader: Box<dyn AsyncRead + Send + Unpin>,
     key: &str,
     content_encoding: Option<&str>,
-    options: FormatOptions,
-) -> Result<Decoded, DecodeFailure> {
+    mut options: FormatOptions,
+    mode: Mode,
+) -> Result<Stream, DecodeFailure> {
     let (header_tx, header_rx) = tokio::sync::oneshot::channel();
     let (tx, rx) = mpsc::channel(CHANNEL_BATCHES);
+    let (raw_tx, raw_rx) = mpsc::channel(CHANNEL_BATCHES);
+    let (prefix_tx, prefix_rx) = tokio::sync::oneshot::channel();
     let bytes_read = Arc::new(AtomicU64::new(0));
     let declared = content_encoding
         .and_then(Compression::from_content_encoding)
         .or_else(|| Compression::from_key(key));
     let format = options.format.unwrap_or_else(|| Format::from_key(key));
+    if format == Format::Tsv && options.format.is_none() {
+        options.delimiter = b'\t';
+    }
     let source = SourceRead {
         inner: SyncIoBridge::new(reader),
         failed: Arc::new(AtomicBool::new(false)),
         bytes: bytes_read.clone(),
     };
+    let raw_options = options.clone();
+    let has_header = options.header;
     tokio::task::spawn_blocking(move || {
         let failed = source.failed.clone();
         let classify = |e: io::Error, what: &str| {
@@ -194,50 +274,142 @@ pub async fn decode(
                 DecodeFailure::Format(FileError::new(FileErrorKind::Decode, format!("{what}: {e}")))
             }
         };
-        let mut raw = BufReader::with_capacity(256 * 1024, source);
-        let decompressed: Box<dyn BufRead> = match raw.fill_buf() {
+        let decompressed = match decompress(source, declared) {
+            Ok(d) => d,
             Err(e) => {
-                let _ = header_tx.send(Err(classify(e, "reading the object")));
+                let e = classify(e, "reading the object");
+                match mode {
+                    Mode::Rows => drop(header_tx.send(Err(e))),
+                    Mode::Raw => drop(prefix_tx.send(Err(e))),
+                }
                 return;
             }
-            Ok(head) => match declared.unwrap_or_else(|| Compression::from_magic(head)) {
-                Compression::None => Box::new(raw),
-                Compression::Gzip => Box::new(BufReader::with_capacity(
-                    256 * 1024,
-                    flate2::bufread::MultiGzDecoder::new(raw),
-                )),
-                Compression::Zstd => match zstd::stream::read::Decoder::with_buffer(raw) {
-                    Ok(d) => Box::new(BufReader::with_capacity(256 * 1024, d)),
-                    Err(e) => {
-                        let _ = header_tx.send(Err(classify(e, "zstd")));
-                        return;
-                    }
-                },
-            },
         };
-        match format {
-            Format::Jsonl => decode_jsonl(decompressed, header_tx, tx, &classify),
-            Format::Csv | Format::Tsv => {
-                let mut options = options;
-                if format == Format::Tsv && options.format.is_none() {
-                    options.delimiter = b'\t';
-                }
-                decode_csv(decompressed, &options, header_tx, tx, &classify)
-            }
+        match (mode, format) {
+            (Mode::Raw, _) => pass_raw(decompressed, &raw_options, prefix_tx, raw_tx, &classify),
+            (Mode::Rows, Format::Jsonl) => decode_jsonl(decompressed, header_tx, tx, &classify),
+            (Mode::Rows, _) => decode_csv(decompressed, &options, header_tx, tx, &classify),
         }
     });
-    match header_rx.await {
-        Ok(Ok((header, nested))) => Ok(Decoded {
-            header,
-            nested,
-            batches: rx,
-            bytes_read,
-        }),
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err(DecodeFailure::Source(io::Error::other(
-            "the decoder stopped unexpectedly",
-        ))),
+    match mode {
+        Mode::Rows => match header_rx.await {
+            Ok(Ok((header, nested))) => Ok(Stream::Rows(Decoded {
+                header,
+                nested,
+                batches: rx,
+                bytes_read,
+            })),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(DecodeFailure::Source(io::Error::other(
+                "the decoder stopped unexpectedly",
+            ))),
+        },
+        Mode::Raw => match prefix_rx.await {
+            Ok(Ok(prefix)) => Ok(Stream::Raw(RawDecoded {
+                header: prefix.header,
+                has_header,
+                sample: prefix.sample,
+                chunks: raw_rx,
+            })),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(DecodeFailure::Source(io::Error::other(
+                "the reader stopped unexpectedly",
+            ))),
+        },
     }
+}
+
+/// Decoded rows of `reader` (see [`open`]).
+pub async fn decode(
+    reader: Box<dyn AsyncRead + Send + Unpin>,
+    key: &str,
+    content_encoding: Option<&str>,
+    options: FormatOptions,
+) -> Result<Decoded, DecodeFailure> {
+    match open(reader, key, content_encoding, options, Mode::Rows).await? {
+        Stream::Rows(decoded) => Ok(decoded),
+        Stream::Raw(_) => unreachable!("asked for rows"),
+    }
+}
+
+fn decompress<R: Read + 'static>(source: R, declared: Option<Compression>) -> io::Result<Box<dyn BufRead>> {
+    let mut raw = BufReader::with_capacity(256 * 1024, source);
+    let head = raw.fill_buf()?;
+    Ok(match declared.unwrap_or_else(|| Compression::from_magic(head)) {
+        Compression::None => Box::new(raw),
+        Compression::Gzip => Box::new(BufReader::with_capacity(
+            256 * 1024,
+            flate2::bufread::MultiGzDecoder::new(raw),
+        )),
+        Compression::Zstd => Box::new(BufReader::with_capacity(
+            256 * 1024,
+            zstd::stream::read::Decoder::with_buffer(raw)?,
+        )),
+    })
+}
+
+type PrefixTx = tokio::sync::oneshot::Sender<Result<raw::Prefix, DecodeFailure>>;
+type RawTx = mpsc::Sender<Result<RawChunk, DecodeFailure>>;
+
+fn pass_raw(
+    mut input: Box<dyn BufRead>,
+    options: &FormatOptions,
+    prefix_tx: PrefixTx,
+    tx: RawTx,
+    classify: &dyn Fn(io::Error, &str) -> DecodeFailure,
+) {
+    let mut prefix = match raw::read_prefix(&mut *input, raw::PREFIX_BYTES) {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = prefix_tx.send(Err(classify(e, "decompressing or reading the file")));
+            return;
+        }
+    };
+    if prefix.starts_with(&[0xEF, 0xBB, 0xBF]) {
+        prefix.drain(..3);
+    }
+    let complete = prefix.len() < raw::PREFIX_BYTES;
+    let parsed = match raw::parse_prefix(&prefix, complete, options, crate::schema::INFERENCE_SAMPLE_ROWS) {
+        Ok(Some(p)) => p,
+        Ok(None) if complete && prefix.iter().all(|b| b.is_ascii_whitespace()) => {
+            raw::Prefix {
+                header: Vec::new(),
+                sample: None,
+            } // an empty file
+        }
+        // No whole header in the first megabyte, or a problem: the parser will say what.
+        Ok(None) | Err(_) => {
+            let _ = prefix_tx.send(Err(DecodeFailure::Unsuitable("the header could not be read up front")));
+            return;
+        }
+    };
+    let empty = parsed.header.is_empty();
+    if prefix_tx.send(Ok(parsed)).is_err() || empty {
+        return;
+    }
+    let mut scanner = raw::Scanner::new(options.quote, options.delimiter);
+    let mut chunk = prefix;
+    loop {
+        if let Err(why) = scanner.feed(&chunk) {
+            let _ = tx.blocking_send(Err(DecodeFailure::Unsuitable(why)));
+            return;
+        }
+        if tx.blocking_send(Ok(RawChunk::Bytes(chunk))).is_err() {
+            return; // the load was abandoned
+        }
+        chunk = match raw::read_prefix(&mut *input, raw::CHUNK_BYTES) {
+            Ok(c) if c.is_empty() => break,
+            Ok(c) => c,
+            Err(e) => {
+                let _ = tx.blocking_send(Err(classify(e, "decompressing or reading the file")));
+                return;
+            }
+        };
+    }
+    let _ = tx.blocking_send(match scanner.finish() {
+        Ok(records) => Ok(RawChunk::End { records }),
+        Err(why) => Err(DecodeFailure::Unsuitable(why)),
+    });
 }
 
 fn decode_error(message: impl Into<String>, line: u64, record: Option<u64>) -> DecodeFailure {

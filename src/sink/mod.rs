@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{Config, Dialect};
 use crate::error::{Attempt, FileError, FileErrorKind, LoadError, Stage};
-use crate::format::{Batch, Decoded};
+use crate::format::{Batch, Decoded, Mode, Stream};
 use crate::routes::{LoadSpec, METADATA_COLUMNS, MissingColumns, NewColumns};
 use crate::schema::{self, ColumnType, TypeInference};
 
@@ -130,8 +130,8 @@ impl Database {
     /// called when there is something to load.
     pub async fn load<F, Fut>(&self, file: FileRef<'_>, spec: &LoadSpec, open: F) -> Result<LoadOutcome, LoadError>
     where
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<Decoded, LoadError>>,
+        F: Fn(Mode) -> Fut,
+        Fut: Future<Output = Result<Stream, LoadError>>,
     {
         match self {
             Database::Postgres(s) => s.load(file, spec, open).await,
@@ -167,6 +167,14 @@ impl Database {
             Database::MySql(s) => s.close().await,
             Database::Sqlite(s) => s.close().await,
         }
+    }
+}
+
+/// The rows of a stream opened in [`Mode::Rows`].
+pub(crate) fn rows_of(stream: Stream) -> Decoded {
+    match stream {
+        Stream::Rows(decoded) => decoded,
+        Stream::Raw(_) => unreachable!("opened in Mode::Rows"),
     }
 }
 
@@ -402,7 +410,9 @@ pub fn db_error(e: sqlx::Error, stage: Stage) -> LoadError {
 /// 18 (too big); its busy, locked, I/O and full-disk codes are transient.
 fn permanent_kind(code: &str) -> Option<FileErrorKind> {
     match code {
-        "22P02" | "22003" | "22007" | "22008" | "22P05" | "22021" | "22001" => Some(FileErrorKind::Type),
+        // Malformed CSV as COPY reads it, and bytes that are not UTF-8: the file's encoding.
+        "22P04" | "22021" => Some(FileErrorKind::Decode),
+        "22P02" | "22003" | "22007" | "22008" | "22P05" | "22001" => Some(FileErrorKind::Type),
         "42703" | "42P01" | "54011" => Some(FileErrorKind::Schema),
         c if c.starts_with("22") || c.starts_with("23") || c.starts_with("42") || c.starts_with("54") => {
             Some(FileErrorKind::Database)

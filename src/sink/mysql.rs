@@ -18,11 +18,11 @@ use sqlx::{AssertSqlSafe, Transaction};
 
 use super::{
     FileRef, LedgerRow, Lineage, LoadOutcome, SinkOptions, append_history, db_error, file_columns, outcome_of_state,
-    plan_load, quote_ident, retries_exhausted, state,
+    plan_load, quote_ident, retries_exhausted, rows_of, state,
 };
 use crate::config::Config;
 use crate::error::{FileError, FileErrorKind, LoadError, Stage};
-use crate::format::Decoded;
+use crate::format::{Mode, Stream};
 use crate::routes::{LoadSpec, WriteMode};
 use crate::schema::{ColumnType, Value};
 
@@ -129,8 +129,8 @@ impl MySqlSink {
 
     pub async fn load<F, Fut>(&self, file: FileRef<'_>, spec: &LoadSpec, open: F) -> Result<LoadOutcome, LoadError>
     where
-        F: FnOnce() -> Fut,
-        Fut: std::future::Future<Output = Result<Decoded, LoadError>>,
+        F: Fn(Mode) -> Fut,
+        Fut: std::future::Future<Output = Result<Stream, LoadError>>,
     {
         let ledger = &self.options.ledger;
         let id = file.id();
@@ -261,12 +261,12 @@ impl MySqlSink {
         open: F,
     ) -> Result<u64, LoadError>
     where
-        F: FnOnce() -> Fut,
-        Fut: std::future::Future<Output = Result<Decoded, LoadError>>,
+        F: Fn(Mode) -> Fut,
+        Fut: std::future::Future<Output = Result<Stream, LoadError>>,
     {
         let db = |e| db_error(e, Stage::Database);
         let table = spec.table.clone()?;
-        let mut decoded = open().await?;
+        let mut decoded = rows_of(open(Mode::Rows).await?);
         if decoded.header.is_empty() {
             return Ok(0);
         }

@@ -8,12 +8,12 @@ use sqlx::postgres::{PgConnectOptions, PgDatabaseError, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Postgres, Transaction};
 
 use super::{
-    FileRef, LedgerRow, Lineage, LoadOutcome, SinkOptions, append_history, db_error, file_columns, outcome_of_state,
-    plan_load, quote_ident, retries_exhausted, state,
+    FileRef, LedgerRow, Lineage, LoadOutcome, Plan, SinkOptions, append_history, db_error, file_columns,
+    outcome_of_state, plan_load, quote_ident, retries_exhausted, rows_of, state,
 };
 use crate::config::Config;
 use crate::error::{FileError, LoadError, Stage};
-use crate::format::{Batch, Decoded};
+use crate::format::{Batch, Mode, RawChunk, Stream, passthrough_possible};
 use crate::routes::{LoadSpec, WriteMode};
 use crate::schema::ColumnType;
 
@@ -221,8 +221,8 @@ impl PgSink {
 
     pub async fn load<F, Fut>(&self, file: FileRef<'_>, spec: &LoadSpec, open: F) -> Result<LoadOutcome, LoadError>
     where
-        F: FnOnce() -> Fut,
-        Fut: std::future::Future<Output = Result<Decoded, LoadError>>,
+        F: Fn(Mode) -> Fut,
+        Fut: std::future::Future<Output = Result<Stream, LoadError>>,
     {
         let ledger = &self.options.ledger;
         let id = file.id();
@@ -284,8 +284,8 @@ impl PgSink {
         open: F,
     ) -> Result<LoadOutcome, LoadError>
     where
-        F: FnOnce() -> Fut,
-        Fut: std::future::Future<Output = Result<Decoded, LoadError>>,
+        F: Fn(Mode) -> Fut,
+        Fut: std::future::Future<Output = Result<Stream, LoadError>>,
     {
         let ledger = &self.options.ledger;
         let db = |e| db_error(e, Stage::Database);
@@ -374,7 +374,8 @@ impl PgSink {
     }
 
     /// Checks, creates or widens the table and streams the file into it with COPY (through a
-    /// staging table for upserts). Returns the row count.
+    /// staging table for upserts). Returns the row count. CSV goes through as raw bytes when
+    /// it can (see [`crate::format::raw`]), else through the parser.
     async fn copy_rows<F, Fut>(
         &self,
         tx: &mut Transaction<'static, Postgres>,
@@ -383,12 +384,15 @@ impl PgSink {
         open: F,
     ) -> Result<u64, LoadError>
     where
-        F: FnOnce() -> Fut,
-        Fut: std::future::Future<Output = Result<Decoded, LoadError>>,
+        F: Fn(Mode) -> Fut,
+        Fut: std::future::Future<Output = Result<Stream, LoadError>>,
     {
-        let db = |e| db_error(e, Stage::Database);
         let table = spec.table.clone()?;
-        let mut decoded = open().await?;
+        let passthrough = passthrough_possible(file.key, &spec.format) && !spec.metadata_columns;
+        if passthrough && let Some(rows) = self.copy_raw(tx, &table, spec, &open).await? {
+            return Ok(rows);
+        }
+        let mut decoded = rows_of(open(Mode::Rows).await?);
         if decoded.header.is_empty() {
             return Ok(0); // a 0-byte file: nothing to load, nothing to create
         }
@@ -399,55 +403,20 @@ impl PgSink {
             return Ok(0); // header only: no rows, and no sample to create the table from
         }
         let plan = plan_load(&table, &file_cols, &decoded.nested, existing, spec, first.as_ref())?;
-        if let Some(types) = &plan.create {
-            let keys = (spec.write_mode == WriteMode::Upsert).then_some(spec.key_columns.as_slice());
-            self.create_table(&table, &plan.columns, types, keys).await?;
-        }
-        for (column, ty) in &plan.add {
-            // In the load's transaction: if the load fails, the column is not added either.
-            sqlx::query(AssertSqlSafe(format!(
-                "ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}",
-                quote_ident(&table),
-                quote_ident(column),
-                sql_type(*ty)
-            )))
-            .execute(&mut **tx)
-            .await
-            .map_err(db)?;
-            tracing::info!(db.table = %table, db.column = %column, "added a column");
-        }
+        self.prepare_table(tx, &table, &plan, spec).await?;
+        let into = self.copy_target(tx, &table, spec).await?;
         let column_list = plan
             .columns
             .iter()
             .map(|c| quote_ident(c))
             .collect::<Vec<_>>()
             .join(", ");
-        let upsert = spec.write_mode == WriteMode::Upsert;
-        let into = if upsert {
-            // A staging table of the same shape; the file's rows go there, then into the table.
-            sqlx::query(AssertSqlSafe(format!(
-                "CREATE TEMP TABLE {STAGE} (LIKE {} INCLUDING DEFAULTS) ON COMMIT DROP",
-                quote_ident(&table)
-            )))
-            .execute(&mut **tx)
-            .await
-            .map_err(db)?;
-            sqlx::query(AssertSqlSafe(format!(
-                "ALTER TABLE {STAGE} ADD COLUMN {STAGE_ORDER} bigserial"
-            )))
-            .execute(&mut **tx)
-            .await
-            .map_err(db)?;
-            STAGE.to_string()
-        } else {
-            quote_ident(&table)
-        };
         let lineage = spec.metadata_columns.then(|| Lineage::new(&file));
         let statement = format!("COPY {into} ({column_list}) FROM STDIN WITH (FORMAT csv)");
         let mut copy = tx
             .copy_in_raw(&statement)
             .await
-            .map_err(|e| copy_error(e, &plan.columns))?;
+            .map_err(|e| copy_error(e, &plan.columns, 0))?;
         let mut buffer = Vec::with_capacity(1 << 20);
         let mut batch = first;
         let sent: Result<(), LoadError> = async {
@@ -456,49 +425,227 @@ impl PgSink {
                 encode_csv(&b, lineage.as_ref(), &mut buffer);
                 copy.send(buffer.as_slice())
                     .await
-                    .map_err(|e| copy_error(e, &plan.columns))?;
+                    .map_err(|e| copy_error(e, &plan.columns, 0))?;
                 batch = decoded.next_batch().await?;
             }
             Ok(())
         }
         .await;
         let rows = match sent {
-            Ok(()) => copy.finish().await.map_err(|e| copy_error(e, &plan.columns))?,
+            Ok(()) => copy.finish().await.map_err(|e| copy_error(e, &plan.columns, 0))?,
             Err(e) => {
                 // Abort ends COPY with an error: the server discards what it received.
                 let _ = copy.abort(e.to_string()).await;
                 return Err(e);
             }
         };
-        if upsert {
-            let keys = spec
-                .key_columns
+        self.merge_stage(tx, &table, &plan.columns, spec).await?;
+        Ok(rows)
+    }
+
+    /// The passthrough: `Ok(None)` when the file must go through the parser after all
+    /// (whatever was sent is rolled back to a savepoint first).
+    async fn copy_raw<F, Fut>(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        table: &str,
+        spec: &LoadSpec,
+        open: &F,
+    ) -> Result<Option<u64>, LoadError>
+    where
+        F: Fn(Mode) -> Fut,
+        Fut: std::future::Future<Output = Result<Stream, LoadError>>,
+    {
+        let db = |e| db_error(e, Stage::Database);
+        let mut raw = match open(Mode::Raw).await {
+            Ok(Stream::Raw(raw)) => raw,
+            Ok(Stream::Rows(_)) => unreachable!("opened in Mode::Raw"),
+            Err(LoadError::Transient {
+                stage: Stage::Decode, ..
+            }) => return Ok(None), // unsuitable
+            Err(e) => return Err(e),
+        };
+        if raw.header.is_empty() {
+            return Ok(Some(0));
+        }
+        let file_cols = file_columns(&raw.header)?;
+        let existing = self.table_columns(tx, table).await?;
+        if raw.sample.is_none() && existing.is_none() {
+            return Ok(Some(0)); // header only
+        }
+        let nested = vec![false; file_cols.len()];
+        let plan = plan_load(table, &file_cols, &nested, existing, spec, raw.sample.as_ref())?;
+        self.prepare_table(tx, table, &plan, spec).await?;
+        sqlx::query("SAVEPOINT raw_copy").execute(&mut **tx).await.map_err(db)?;
+        let into = self.copy_target(tx, table, spec).await?;
+        let f = &spec.format;
+        let statement = format!(
+            "COPY {into} ({}) FROM STDIN WITH (FORMAT csv, HEADER {}, DELIMITER {}, QUOTE {}, NULL {})",
+            plan.columns
                 .iter()
                 .map(|c| quote_ident(c))
                 .collect::<Vec<_>>()
-                .join(", ");
-            let updates: Vec<String> = plan
-                .columns
-                .iter()
-                .filter(|c| !spec.key_columns.contains(c))
-                .map(|c| format!("{0} = EXCLUDED.{0}", quote_ident(c)))
-                .collect();
-            let action = if updates.is_empty() {
-                "NOTHING".to_string()
-            } else {
-                format!("UPDATE SET {}", updates.join(", "))
-            };
-            // The last row of the file wins among rows with the same key.
-            sqlx::query(AssertSqlSafe(format!(
-                "INSERT INTO {} ({column_list}) SELECT DISTINCT ON ({keys}) {column_list} FROM {STAGE}
-                 ORDER BY {keys}, {STAGE_ORDER} DESC ON CONFLICT ({keys}) DO {action}",
-                quote_ident(&table)
-            )))
+                .join(", "),
+            raw.has_header,
+            byte_literal(f.delimiter),
+            byte_literal(f.quote),
+            string_literal(&f.null),
+        );
+        let header_lines = u64::from(raw.has_header);
+        let mut copy = tx
+            .copy_in_raw(&statement)
+            .await
+            .map_err(|e| copy_error(e, &plan.columns, header_lines))?;
+        let sent: Result<Option<u64>, LoadError> = async {
+            loop {
+                match raw.next().await {
+                    Ok(RawChunk::Bytes(bytes)) => {
+                        copy.send(bytes)
+                            .await
+                            .map_err(|e| copy_error(e, &plan.columns, header_lines))?;
+                    }
+                    Ok(RawChunk::End { records }) => return Ok(Some(records.saturating_sub(header_lines))),
+                    Err(crate::format::DecodeFailure::Unsuitable(why)) => {
+                        tracing::info!(reason = why, "passthrough refused; loading through the parser");
+                        return Ok(None);
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        .await;
+        let expected = match sent {
+            Ok(Some(expected)) => expected,
+            other => {
+                let _ = copy.abort("not loaded by passthrough").await;
+                sqlx::query("ROLLBACK TO SAVEPOINT raw_copy")
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(db)?;
+                return other.map(|_| None);
+            }
+        };
+        let rows = copy
+            .finish()
+            .await
+            .map_err(|e| copy_error(e, &plan.columns, header_lines))?;
+        if rows != expected {
+            // COPY read the bytes differently from the loader's own count: trust neither.
+            tracing::warn!(
+                copied = rows,
+                counted = expected,
+                "passthrough count differs; loading through the parser"
+            );
+            sqlx::query("ROLLBACK TO SAVEPOINT raw_copy")
+                .execute(&mut **tx)
+                .await
+                .map_err(db)?;
+            return Ok(None);
+        }
+        self.merge_stage(tx, table, &plan.columns, spec).await?;
+        sqlx::query("RELEASE SAVEPOINT raw_copy")
             .execute(&mut **tx)
             .await
             .map_err(db)?;
+        Ok(Some(rows))
+    }
+
+    /// Creates the table or adds columns, as the plan says.
+    async fn prepare_table(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        table: &str,
+        plan: &Plan,
+        spec: &LoadSpec,
+    ) -> Result<(), LoadError> {
+        if let Some(types) = &plan.create {
+            let keys = (spec.write_mode == WriteMode::Upsert).then_some(spec.key_columns.as_slice());
+            self.create_table(table, &plan.columns, types, keys).await?;
         }
-        Ok(rows)
+        for (column, ty) in &plan.add {
+            // In the load's transaction: if the load fails, the column is not added either.
+            sqlx::query(AssertSqlSafe(format!(
+                "ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}",
+                quote_ident(table),
+                quote_ident(column),
+                sql_type(*ty)
+            )))
+            .execute(&mut **tx)
+            .await
+            .map_err(|e| db_error(e, Stage::Database))?;
+            tracing::info!(db.table = %table, db.column = %column, "added a column");
+        }
+        Ok(())
+    }
+
+    /// Where COPY writes: the table, or for an upsert a staging table of the same shape.
+    async fn copy_target(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        table: &str,
+        spec: &LoadSpec,
+    ) -> Result<String, LoadError> {
+        if spec.write_mode != WriteMode::Upsert {
+            return Ok(quote_ident(table));
+        }
+        let db = |e| db_error(e, Stage::Database);
+        sqlx::query(AssertSqlSafe(format!(
+            "CREATE TEMP TABLE {STAGE} (LIKE {} INCLUDING DEFAULTS) ON COMMIT DROP",
+            quote_ident(table)
+        )))
+        .execute(&mut **tx)
+        .await
+        .map_err(db)?;
+        sqlx::query(AssertSqlSafe(format!(
+            "ALTER TABLE {STAGE} ADD COLUMN {STAGE_ORDER} bigserial"
+        )))
+        .execute(&mut **tx)
+        .await
+        .map_err(db)?;
+        Ok(STAGE.to_string())
+    }
+
+    /// For an upsert, merges the staging table into the table: the file's last row per key wins.
+    async fn merge_stage(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        table: &str,
+        columns: &[String],
+        spec: &LoadSpec,
+    ) -> Result<(), LoadError> {
+        if spec.write_mode != WriteMode::Upsert {
+            return Ok(());
+        }
+        let column_list = columns.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", ");
+        let keys = spec
+            .key_columns
+            .iter()
+            .map(|c| quote_ident(c))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let updates: Vec<String> = columns
+            .iter()
+            .filter(|c| !spec.key_columns.contains(c))
+            .map(|c| format!("{0} = EXCLUDED.{0}", quote_ident(c)))
+            .collect();
+        let action = if updates.is_empty() {
+            "NOTHING".to_string()
+        } else {
+            format!("UPDATE SET {}", updates.join(", "))
+        };
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO {} ({column_list}) SELECT DISTINCT ON ({keys}) {column_list} FROM {STAGE}
+             ORDER BY {keys}, {STAGE_ORDER} DESC ON CONFLICT ({keys}) DO {action}",
+            quote_ident(table)
+        )))
+        .execute(&mut **tx)
+        .await
+        .map_err(|e| db_error(e, Stage::Database))?;
+        sqlx::query(AssertSqlSafe(format!("DROP TABLE {STAGE}")))
+            .execute(&mut **tx)
+            .await
+            .map_err(|e| db_error(e, Stage::Database))?;
+        Ok(())
     }
 
     async fn table_columns(
@@ -631,9 +778,9 @@ pub fn encode_csv(batch: &Batch, lineage: Option<&Lineage>, out: &mut Vec<u8>) {
     }
 }
 
-/// A COPY error with the record (COPY's "line": no header is sent) and column from
-/// PostgreSQL's context when it gives them.
-fn copy_error(e: sqlx::Error, columns: &[String]) -> LoadError {
+/// A COPY error with the record and column from PostgreSQL's context when it gives them.
+/// COPY's "line" counts records, including `header_lines` header lines.
+fn copy_error(e: sqlx::Error, columns: &[String], header_lines: u64) -> LoadError {
     let context = e
         .as_database_error()
         .and_then(|d| d.try_downcast_ref::<PgDatabaseError>())
@@ -641,13 +788,23 @@ fn copy_error(e: sqlx::Error, columns: &[String]) -> LoadError {
     match db_error(e, Stage::Database) {
         LoadError::Permanent(mut fe) => {
             if let Some(context) = context {
-                fe.record = number_after(&context, "line ");
+                fe.record = number_after(&context, "line ").map(|n| n.saturating_sub(header_lines));
                 fe.column = text_after(&context, ", column ").filter(|c| columns.contains(c));
             }
             LoadError::Permanent(fe)
         }
         transient => transient,
     }
+}
+
+/// A one-byte COPY option as an escaped string literal.
+fn byte_literal(b: u8) -> String {
+    format!("E'\\x{b:02x}'")
+}
+
+/// Text as a standard SQL string literal.
+fn string_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
 }
 
 fn number_after(text: &str, marker: &str) -> Option<u64> {
