@@ -22,6 +22,14 @@ pub struct PgSink {
     options: SinkOptions,
     /// Quoted name of the claims table: who holds which file, until when (the lease).
     claims: String,
+    /// Columns of the tables seen so far, to spare a catalog query per file. Refreshed when a
+    /// file needs a column the cache does not know, and dropped when a load fails.
+    columns: std::sync::Mutex<std::collections::HashMap<String, Vec<(String, ColumnType)>>>,
+}
+
+/// The advisory lock key of a file: the first 64 bits of its id.
+fn lock_key(id: &str) -> i64 {
+    u64::from_str_radix(&id[..16], 16).unwrap_or(0) as i64
 }
 
 /// Keeps a claim's lease alive while its load runs; stops (and releases nothing) when dropped.
@@ -50,7 +58,12 @@ impl PgSink {
             .acquire_timeout(config.database.connect_timeout)
             .connect_lazy_with(connect);
         let claims = quote_ident(&format!("{}_claims", config.database.ledger_table));
-        Ok(PgSink { pool, options, claims })
+        Ok(PgSink {
+            pool,
+            options,
+            claims,
+            columns: Default::default(),
+        })
     }
 
     pub async fn ping(&self) -> Result<(), sqlx::Error> {
@@ -127,14 +140,7 @@ impl PgSink {
 
     /// Records who holds the file (the load transaction's server process) and until when, and
     /// renews that every third of the lease while the load runs.
-    async fn hold_claim(
-        &self,
-        id: &str,
-        tx: &mut Transaction<'static, Postgres>,
-    ) -> Result<(i32, Heartbeat), sqlx::Error> {
-        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-            .fetch_one(&mut **tx)
-            .await?;
+    async fn hold_claim(&self, id: &str, pid: i32) -> Result<Heartbeat, sqlx::Error> {
         let lease = self.options.lease.as_secs_f64();
         sqlx::query(AssertSqlSafe(format!(
             "INSERT INTO {} (file_id, owner, backend_pid, claimed_at, expires_at)
@@ -170,7 +176,7 @@ impl PgSink {
                 }
             }
         });
-        Ok((pid, Heartbeat(task)))
+        Ok(Heartbeat(task))
     }
 
     async fn release_claim(&self, id: &str, pid: i32) {
@@ -189,15 +195,20 @@ impl PgSink {
 
     /// The file is locked by another load: if that load's lease ran out (its process is frozen
     /// or cut off), end its server session, which rolls its transaction back and frees the
-    /// file for the next tick. `backend_start <= claimed_at` makes sure the process id still
-    /// belongs to the session that made the claim.
+    /// file for the next tick. Only the session that holds this file's lock right now is
+    /// ended, and only if it started before the claim (so the process id is still its own).
     async fn take_over_if_expired(&self, id: &str) -> Result<(), sqlx::Error> {
+        let key = lock_key(id);
         let ended: Vec<(bool,)> = sqlx::query_as(AssertSqlSafe(format!(
-            "SELECT pg_terminate_backend(a.pid) FROM {} c JOIN pg_stat_activity a ON a.pid = c.backend_pid
+            "SELECT pg_terminate_backend(a.pid) FROM {} c
+             JOIN pg_stat_activity a ON a.pid = c.backend_pid
+             JOIN pg_locks l ON l.pid = c.backend_pid AND l.locktype = 'advisory' AND l.granted
+                 AND l.classid = (($2 >> 32) & 4294967295)::oid AND l.objid = ($2 & 4294967295)::oid AND l.objsubid = 1
              WHERE c.file_id = $1 AND c.expires_at < now() AND a.backend_start <= c.claimed_at",
             self.claims
         )))
         .bind(id)
+        .bind(key)
         .fetch_all(&self.pool)
         .await?;
         if ended.iter().any(|(done,)| *done) {
@@ -228,35 +239,36 @@ impl PgSink {
         let id = file.id();
         let db = |e| db_error(e, Stage::Database);
 
-        // Committed on its own, and only when the row is not there yet: an INSERT that meets the
-        // row while another load holds it (uncommitted) would wait for that load to end.
-        sqlx::query(AssertSqlSafe(format!(
-            "INSERT INTO {ledger} (file_id, source, object_key, etag, state, byte_count)
-             SELECT $1, $2, $3, $4, 'pending', $5 WHERE NOT EXISTS (SELECT 1 FROM {ledger} WHERE file_id = $1)
-             ON CONFLICT (file_id) DO NOTHING"
+        // The claim: a transaction-scoped advisory lock on the file, tried without waiting, so
+        // a file another loader holds is skipped. Only the holder writes the ledger row, so
+        // its INSERT never waits on another loader's uncommitted one.
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        let (claimed, pid): (bool, i32) = sqlx::query_as("SELECT pg_try_advisory_xact_lock($1), pg_backend_pid()")
+            .bind(lock_key(&id))
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db)?;
+        if !claimed {
+            drop(tx);
+            self.take_over_if_expired(&id).await.map_err(db)?;
+            return Ok(LoadOutcome::Busy);
+        }
+        let (current, rows, error, attempts, history): LedgerRow = sqlx::query_as(AssertSqlSafe(format!(
+            "WITH new AS (
+                INSERT INTO {ledger} (file_id, source, object_key, etag, state, byte_count)
+                VALUES ($1, $2, $3, $4, 'pending', $5) ON CONFLICT (file_id) DO NOTHING
+                RETURNING state, row_count, error, attempts::bigint, history)
+             SELECT * FROM new
+             UNION ALL SELECT state, row_count, error, attempts::bigint, history FROM {ledger} WHERE file_id = $1"
         )))
         .bind(&id)
         .bind(file.source)
         .bind(file.key)
         .bind(file.etag)
         .bind(file.size as i64)
-        .execute(&self.pool)
+        .fetch_one(&mut *tx)
         .await
         .map_err(db)?;
-
-        let mut tx = self.pool.begin().await.map_err(db)?;
-        let row: Option<LedgerRow> = sqlx::query_as(AssertSqlSafe(format!(
-            "SELECT state, row_count, error, attempts::bigint, history FROM {ledger} WHERE file_id = $1 FOR UPDATE SKIP LOCKED"
-        )))
-        .bind(&id)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(db)?;
-        let Some((current, rows, error, attempts, history)) = row else {
-            drop(tx);
-            self.take_over_if_expired(&id).await.map_err(db)?;
-            return Ok(LoadOutcome::Busy);
-        };
         if let Some(done) = outcome_of_state(&current, rows, error) {
             return Ok(done);
         }
@@ -266,9 +278,7 @@ impl PgSink {
             tx.commit().await.map_err(db)?;
             return Ok(LoadOutcome::Failed(error));
         }
-        // Nothing is written to the ledger row until the load ends: writing it now would make
-        // other loaders' statements that meet the row wait for this load.
-        let (pid, heartbeat) = self.hold_claim(&id, &mut tx).await.map_err(db)?;
+        let heartbeat = self.hold_claim(&id, pid).await.map_err(db)?;
         let outcome = self.load_claimed(tx, file, spec, open).await;
         drop(heartbeat);
         self.release_claim(&id, pid).await;
@@ -292,12 +302,21 @@ impl PgSink {
         sqlx::query("SAVEPOINT file_rows").execute(&mut *tx).await.map_err(db)?;
         let id = &file.id();
         let table = spec.table.as_ref().ok().cloned();
-        match self.copy_rows(&mut tx, file, spec, open).await {
+        let copied = self.copy_rows(&mut tx, file, spec, open).await;
+        if let (Err(_), Some(t)) = (&copied, &table) {
+            self.forget_columns(t);
+        }
+        // The table changed under a cached view of it (dropped, a column renamed): retry.
+        let copied = match copied {
+            Err(LoadError::Permanent(e))
+                if e.kind == crate::error::FileErrorKind::Schema && e.database_message.is_some() =>
+            {
+                Err(LoadError::transient(Stage::Database, e.message))
+            }
+            other => other,
+        };
+        match copied {
             Ok(rows) => {
-                sqlx::query("RELEASE SAVEPOINT file_rows")
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db)?;
                 sqlx::query(AssertSqlSafe(format!(
                     "UPDATE {ledger} SET state = '{}', row_count = $2, target_table = $3, error = NULL,
                      attempts = attempts + 1, claimed_by = $4, loaded_at = now(), updated_at = now()
@@ -354,21 +373,47 @@ impl PgSink {
     pub async fn record_transient(&self, file: FileRef<'_>, stage: Stage, message: &str) -> Result<(), sqlx::Error> {
         let ledger = &self.options.ledger;
         let mut tx = self.pool.begin().await?;
-        // SKIP LOCKED: if another loader holds the file now, its attempt is the one that counts.
-        let history: Option<(Option<String>,)> = sqlx::query_as(AssertSqlSafe(format!(
-            "SELECT history FROM {ledger} WHERE file_id = $1 AND state = 'pending' FOR UPDATE SKIP LOCKED"
+        // If another loader holds the file now, its attempt is the one that counts.
+        let (free,): (bool,) = sqlx::query_as("SELECT pg_try_advisory_xact_lock($1)")
+            .bind(lock_key(&file.id()))
+            .fetch_one(&mut *tx)
+            .await?;
+        if !free {
+            return Ok(());
+        }
+        // The load's own transaction (and with it a new ledger row) rolled back: the row may
+        // not exist yet.
+        let row: Option<(String, Option<String>)> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT state, history FROM {ledger} WHERE file_id = $1"
         )))
         .bind(file.id())
         .fetch_optional(&mut *tx)
         .await?;
-        if let Some((history,)) = history {
-            sqlx::query(AssertSqlSafe(format!(
-                "UPDATE {ledger} SET attempts = attempts + 1, history = $2, updated_at = now() WHERE file_id = $1"
-            )))
-            .bind(file.id())
-            .bind(append_history(history.as_deref(), stage, message))
-            .execute(&mut *tx)
-            .await?;
+        match row {
+            None => {
+                sqlx::query(AssertSqlSafe(format!(
+                    "INSERT INTO {ledger} (file_id, source, object_key, etag, state, byte_count, attempts, history)
+                     VALUES ($1, $2, $3, $4, 'pending', $5, 1, $6) ON CONFLICT (file_id) DO NOTHING"
+                )))
+                .bind(file.id())
+                .bind(file.source)
+                .bind(file.key)
+                .bind(file.etag)
+                .bind(file.size as i64)
+                .bind(append_history(None, stage, message))
+                .execute(&mut *tx)
+                .await?;
+            }
+            Some((state, history)) if state == state::PENDING => {
+                sqlx::query(AssertSqlSafe(format!(
+                    "UPDATE {ledger} SET attempts = attempts + 1, history = $2, updated_at = now() WHERE file_id = $1"
+                )))
+                .bind(file.id())
+                .bind(append_history(history.as_deref(), stage, message))
+                .execute(&mut *tx)
+                .await?;
+            }
+            Some(_) => {}
         }
         tx.commit().await
     }
@@ -398,11 +443,12 @@ impl PgSink {
         }
         let file_cols = file_columns(&decoded.header)?;
         let first = decoded.next_batch().await?;
-        let existing = self.table_columns(tx, &table).await?;
-        if first.is_none() && existing.is_none() {
+        let Some(plan) = self
+            .plan(tx, &table, &file_cols, &decoded.nested, spec, first.as_ref())
+            .await?
+        else {
             return Ok(0); // header only: no rows, and no sample to create the table from
-        }
-        let plan = plan_load(&table, &file_cols, &decoded.nested, existing, spec, first.as_ref())?;
+        };
         self.prepare_table(tx, &table, &plan, spec).await?;
         let into = self.copy_target(tx, &table, spec).await?;
         let column_list = plan
@@ -444,7 +490,7 @@ impl PgSink {
     }
 
     /// The passthrough: `Ok(None)` when the file must go through the parser after all
-    /// (whatever was sent is rolled back to a savepoint first).
+    /// (whatever was sent, and any column added, is rolled back to the load's savepoint first).
     async fn copy_raw<F, Fut>(
         &self,
         tx: &mut Transaction<'static, Postgres>,
@@ -469,14 +515,14 @@ impl PgSink {
             return Ok(Some(0));
         }
         let file_cols = file_columns(&raw.header)?;
-        let existing = self.table_columns(tx, table).await?;
-        if raw.sample.is_none() && existing.is_none() {
-            return Ok(Some(0)); // header only
-        }
         let nested = vec![false; file_cols.len()];
-        let plan = plan_load(table, &file_cols, &nested, existing, spec, raw.sample.as_ref())?;
+        let Some(plan) = self
+            .plan(tx, table, &file_cols, &nested, spec, raw.sample.as_ref())
+            .await?
+        else {
+            return Ok(Some(0)); // header only
+        };
         self.prepare_table(tx, table, &plan, spec).await?;
-        sqlx::query("SAVEPOINT raw_copy").execute(&mut **tx).await.map_err(db)?;
         let into = self.copy_target(tx, table, spec).await?;
         let f = &spec.format;
         let statement = format!(
@@ -518,7 +564,7 @@ impl PgSink {
             Ok(Some(expected)) => expected,
             other => {
                 let _ = copy.abort("not loaded by passthrough").await;
-                sqlx::query("ROLLBACK TO SAVEPOINT raw_copy")
+                sqlx::query("ROLLBACK TO SAVEPOINT file_rows")
                     .execute(&mut **tx)
                     .await
                     .map_err(db)?;
@@ -536,18 +582,55 @@ impl PgSink {
                 counted = expected,
                 "passthrough count differs; loading through the parser"
             );
-            sqlx::query("ROLLBACK TO SAVEPOINT raw_copy")
+            sqlx::query("ROLLBACK TO SAVEPOINT file_rows")
                 .execute(&mut **tx)
                 .await
                 .map_err(db)?;
             return Ok(None);
         }
         self.merge_stage(tx, table, &plan.columns, spec).await?;
-        sqlx::query("RELEASE SAVEPOINT raw_copy")
-            .execute(&mut **tx)
-            .await
-            .map_err(db)?;
         Ok(Some(rows))
+    }
+
+    /// The load's plan, from the cached columns when they fit, else from the catalog; `None`
+    /// for a file without rows into a table that does not exist.
+    async fn plan(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        table: &str,
+        file_cols: &[String],
+        nested: &[bool],
+        spec: &LoadSpec,
+        sample: Option<&Batch>,
+    ) -> Result<Option<Plan>, LoadError> {
+        let cached = self
+            .columns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(table)
+            .cloned();
+        let fitting =
+            cached.and_then(|existing| plan_load(table, file_cols, nested, Some(existing), spec, sample).ok());
+        if let Some(plan) = fitting.filter(|plan| plan.add.is_empty()) {
+            return Ok(Some(plan));
+        }
+        let existing = self.table_columns(tx, table).await?;
+        {
+            let mut cache = self.columns.lock().unwrap_or_else(|p| p.into_inner());
+            match &existing {
+                Some(columns) => cache.insert(table.to_string(), columns.clone()),
+                None => cache.remove(table),
+            };
+        }
+        if sample.is_none() && existing.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(plan_load(table, file_cols, nested, existing, spec, sample)?))
+    }
+
+    /// Forgets a table's cached columns (after DDL, or a failed load).
+    fn forget_columns(&self, table: &str) {
+        self.columns.lock().unwrap_or_else(|p| p.into_inner()).remove(table);
     }
 
     /// Creates the table or adds columns, as the plan says.
@@ -558,6 +641,9 @@ impl PgSink {
         plan: &Plan,
         spec: &LoadSpec,
     ) -> Result<(), LoadError> {
+        if plan.create.is_some() || !plan.add.is_empty() {
+            self.forget_columns(table);
+        }
         if let Some(types) = &plan.create {
             let keys = (spec.write_mode == WriteMode::Upsert).then_some(spec.key_columns.as_slice());
             self.create_table(table, &plan.columns, types, keys).await?;
