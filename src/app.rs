@@ -152,15 +152,17 @@ impl App {
             ..OnceSummary::default()
         };
         for handle in handles {
-            match handle.await.context("a load task panicked")? {
-                FileOutcome::Loaded { rows } => {
-                    summary.loaded += 1;
-                    summary.rows += rows;
+            for outcome in handle.await.context("a load task panicked")? {
+                match outcome {
+                    FileOutcome::Loaded { rows } => {
+                        summary.loaded += 1;
+                        summary.rows += rows;
+                    }
+                    FileOutcome::AlreadyLoaded => summary.already_loaded += 1,
+                    FileOutcome::Failed(_) => summary.failed += 1,
+                    FileOutcome::Retry { .. } | FileOutcome::NotStarted => summary.retry += 1,
+                    FileOutcome::Busy => summary.busy += 1,
                 }
-                FileOutcome::AlreadyLoaded => summary.already_loaded += 1,
-                FileOutcome::Failed(_) => summary.failed += 1,
-                FileOutcome::Retry { .. } | FileOutcome::NotStarted => summary.retry += 1,
-                FileOutcome::Busy => summary.busy += 1,
             }
         }
         if let Some(publisher) = &self.publisher {

@@ -31,6 +31,8 @@ pub struct Config {
     pub health: HealthConfig,
     /// `[[routes]]`: key prefix or glob → table, format and load options.
     pub routes: Vec<crate::routes::RouteConfig>,
+    /// Amazon Redshift's COPY settings (for `redshift://` database URLs).
+    pub redshift: crate::sink::redshift::RedshiftConfig,
 }
 
 impl Default for Config {
@@ -50,6 +52,7 @@ impl Default for Config {
             claim: ClaimConfig::default(),
             health: HealthConfig::default(),
             routes: Vec::new(),
+            redshift: Default::default(),
         }
     }
 }
@@ -347,6 +350,8 @@ pub enum Dialect {
     Postgres,
     MySql,
     Sqlite,
+    /// Amazon Redshift, over the PostgreSQL protocol, loading by COPY from S3.
+    Redshift,
 }
 
 /// A configuration that cannot be used; the message lists every problem, one per line.
@@ -431,6 +436,22 @@ impl Config {
             problems.push("pipeline: must be 1 to 200 characters".into());
         }
         problems.extend(crate::routes::Routes::problems(&self.routes));
+        if self.dialect() == Ok(Dialect::Redshift) {
+            problems.extend(self.redshift.problems());
+            for (i, r) in self.routes.iter().enumerate() {
+                let append_only = r.write_mode == crate::routes::WriteMode::Append
+                    && r.on_new_columns == crate::routes::NewColumns::Fail
+                    && !r.metadata_columns;
+                if !append_only {
+                    problems.push(format!(
+                        "routes[{i}]: with Redshift only append loads are supported (no upsert, added columns or lineage columns)"
+                    ));
+                }
+            }
+            if !matches!(self.source_url(), Ok(SourceUrl::S3 { .. })) {
+                problems.push("source.url: Redshift loads by COPY from S3, so the source must be s3://".into());
+            }
+        }
         if self.retry.max_attempts == 0 {
             problems.push("retry.max_attempts: must be at least 1".into());
         }
@@ -529,8 +550,9 @@ pub fn dialect_of(url: &str) -> Result<Dialect, String> {
         "postgres" | "postgresql" => Ok(Dialect::Postgres),
         "mysql" | "mariadb" => Ok(Dialect::MySql),
         "sqlite" => Ok(Dialect::Sqlite),
+        "redshift" => Ok(Dialect::Redshift),
         _ => Err(format!(
-            "expected a postgres://, mysql:// or sqlite:// URL, got {:?}",
+            "expected a postgres://, mysql://, sqlite:// or redshift:// URL, got {:?}",
             crate::redact::url(url)
         )),
     }

@@ -21,6 +21,7 @@ use tracing::{Instrument, error, info, info_span};
 
 use crate::cloudwatch::Publisher;
 use crate::config::Config;
+use crate::format::{Compression, Format};
 use crate::source::{INCOMING, ObjectMeta};
 use crate::status::TickReport;
 use crate::worker::{FileOutcome, Worker};
@@ -128,16 +129,16 @@ impl Scheduler {
     }
 
     /// One tick: list, record the backlog, dispatch. Returns the dispatched tasks.
-    pub async fn tick(&self) -> Vec<JoinHandle<FileOutcome>> {
+    pub async fn tick(&self) -> Vec<JoinHandle<Vec<FileOutcome>>> {
         let started_at = Utc::now();
         let clock = Instant::now();
         let span = info_span!("tick");
-        let (result, listed, handles) = self.tick_inner().instrument(span).await;
+        let (result, listed, dispatched, handles) = self.tick_inner().instrument(span).await;
         let report = TickReport {
             started_at,
             duration_ms: clock.elapsed().as_millis() as u64,
             listed,
-            dispatched: handles.len() as u64,
+            dispatched,
             result: match result {
                 Ok(()) => "ok".into(),
                 Err(e) => e,
@@ -147,7 +148,7 @@ impl Scheduler {
         handles
     }
 
-    async fn tick_inner(&self) -> (Result<(), String>, u64, Vec<JoinHandle<FileOutcome>>) {
+    async fn tick_inner(&self) -> (Result<(), String>, u64, u64, Vec<JoinHandle<Vec<FileOutcome>>>) {
         let listing_started = Instant::now();
         let listing = match self.worker.source.list_incoming().await {
             Ok((listing, calls)) => {
@@ -158,14 +159,14 @@ impl Scheduler {
             }
             Err(e) => {
                 error!(error.stage = "list", error.message = %e, "listing {INCOMING} failed");
-                return (Err(format!("listing failed: {e}")), 0, Vec::new());
+                return (Err(format!("listing failed: {e}")), 0, 0, Vec::new());
             }
         };
         let listed = listing.len() as u64;
         if !self.ledger_ready.load(Ordering::Relaxed) {
             if let Err(e) = self.worker.db.ensure_ledger().await {
                 error!(error.stage = "database", error.message = %e, "cannot reach the database");
-                return (Err(format!("database: {e}")), listed, Vec::new());
+                return (Err(format!("database: {e}")), listed, 0, Vec::new());
             }
             self.ledger_ready.store(true, Ordering::Relaxed);
         }
@@ -173,8 +174,14 @@ impl Scheduler {
         if !picked.is_empty() {
             info!(listed, picked = picked.len(), "dispatching files");
         }
-        let handles = picked.into_iter().map(|obj| self.dispatch(obj)).collect();
-        (Ok(()), listed, handles)
+        let dispatched = picked.len() as u64;
+        let units = if self.worker.db.loads_batches() {
+            self.batches(picked)
+        } else {
+            picked.into_iter().map(|obj| vec![obj]).collect()
+        };
+        let handles = units.into_iter().map(|unit| self.dispatch(unit)).collect();
+        (Ok(()), listed, dispatched, handles)
     }
 
     /// Oldest first; skips files in flight or backing off; at most `max_files_per_tick`.
@@ -190,11 +197,33 @@ impl Scheduler {
         listing
     }
 
-    fn dispatch(&self, obj: ObjectMeta) -> JoinHandle<FileOutcome> {
-        self.in_flight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(obj.key.clone());
+    /// Groups files that one Redshift COPY can load: same route, table, format and compression.
+    fn batches(&self, picked: Vec<ObjectMeta>) -> Vec<Vec<ObjectMeta>> {
+        let mut groups: Vec<(String, Vec<ObjectMeta>)> = Vec::new();
+        for obj in picked {
+            let spec = self.worker.routes.resolve(&obj.key);
+            let format = spec.format.format.unwrap_or_else(|| Format::from_key(&obj.key));
+            let key = format!(
+                "{:?}|{:?}|{:?}|{:?}",
+                spec.table,
+                format,
+                Compression::from_key(&obj.key),
+                spec.format
+            );
+            match groups.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, files)) => files.push(obj),
+                None => groups.push((key, vec![obj])),
+            }
+        }
+        groups.into_iter().map(|(_, files)| files).collect()
+    }
+
+    /// Starts a task for one file, or for one batch of files (Redshift).
+    fn dispatch(&self, objs: Vec<ObjectMeta>) -> JoinHandle<Vec<FileOutcome>> {
+        {
+            let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            in_flight.extend(objs.iter().map(|o| o.key.clone()));
+        }
         let worker = self.worker.clone();
         let permits = self.permits.clone();
         let limiter = self.limiter.clone();
@@ -202,41 +231,53 @@ impl Scheduler {
         let in_flight = self.in_flight.clone();
         let backoff = self.backoff.clone();
         let (initial, max) = (self.initial_backoff, self.max_backoff);
-        let location = worker.source.location(INCOMING, &obj.key);
-        let span = info_span!("file", s3.key = %location, file.etag = %obj.etag);
+        let span = match objs.as_slice() {
+            [obj] => info_span!("file", s3.key = %worker.source.location(INCOMING, &obj.key), file.etag = %obj.etag),
+            _ => info_span!("batch", files = objs.len()),
+        };
         self.tracker.spawn(
             async move {
-                let outcome = async {
+                let outcomes = async {
+                    let not_started = || vec![FileOutcome::NotStarted; objs.len()];
                     // Files not started when a stop comes are simply left for next time.
                     let _permit = tokio::select! {
                         p = permits.acquire_owned() => p.expect("the semaphore is never closed"),
-                        _ = stop.cancelled() => return FileOutcome::NotStarted,
+                        _ = stop.cancelled() => return not_started(),
                     };
                     tokio::select! {
                         _ = limiter.until_ready() => {}
-                        _ = stop.cancelled() => return FileOutcome::NotStarted,
+                        _ = stop.cancelled() => return not_started(),
                     }
                     worker.status.load_started();
                     // Once started, a load runs to its end even if a stop comes meanwhile.
-                    let outcome = worker.process(&obj).await;
+                    let outcomes = if worker.db.loads_batches() {
+                        worker.process_batch(objs.clone()).await
+                    } else {
+                        vec![worker.process(&objs[0]).await]
+                    };
                     worker.status.load_ended();
-                    outcome
+                    outcomes
                 }
                 .await;
                 let mut backoff = backoff.lock().unwrap_or_else(|p| p.into_inner());
-                if let FileOutcome::Retry { .. } = outcome {
-                    let b = backoff.entry(obj.key.clone()).or_insert(Backoff {
-                        failures: 0,
-                        not_before: Instant::now(),
-                    });
-                    b.failures += 1;
-                    b.not_before = Instant::now() + backoff_delay(initial, max, b.failures);
-                } else {
-                    backoff.remove(&obj.key);
+                for (obj, outcome) in objs.iter().zip(&outcomes) {
+                    if let FileOutcome::Retry { .. } = outcome {
+                        let b = backoff.entry(obj.key.clone()).or_insert(Backoff {
+                            failures: 0,
+                            not_before: Instant::now(),
+                        });
+                        b.failures += 1;
+                        b.not_before = Instant::now() + backoff_delay(initial, max, b.failures);
+                    } else {
+                        backoff.remove(&obj.key);
+                    }
                 }
                 drop(backoff);
-                in_flight.lock().unwrap_or_else(|p| p.into_inner()).remove(&obj.key);
-                outcome
+                let mut in_flight = in_flight.lock().unwrap_or_else(|p| p.into_inner());
+                for obj in &objs {
+                    in_flight.remove(&obj.key);
+                }
+                outcomes
             }
             .instrument(span),
         )

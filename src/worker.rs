@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use chrono::Utc;
 use serde::Serialize;
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 
 use crate::error::{FileError, LoadError, Stage};
 use crate::format::open as open_stream;
@@ -57,15 +57,32 @@ impl Worker {
     /// Loads and moves one file. Logs its own outcome once.
     pub async fn process(&self, obj: &ObjectMeta) -> FileOutcome {
         let started = std::time::Instant::now();
-        let outcome = match self.load_and_move(obj).await {
-            Ok(outcome) => outcome,
-            Err(LoadError::Transient { stage, message }) => FileOutcome::Retry { stage, message },
-            // Only reachable if recording the failure itself was refused: try again later.
-            Err(LoadError::Permanent(e)) => FileOutcome::Retry {
-                stage: Stage::Database,
-                message: e.to_string(),
-            },
-        };
+        let outcome = settle(self.load_and_move(obj).await);
+        self.record(obj, &outcome, started).await;
+        outcome
+    }
+
+    /// Loads a batch of files of one table and format in one go (Redshift), then moves each.
+    pub async fn process_batch(&self, objs: Vec<ObjectMeta>) -> Vec<FileOutcome> {
+        let started = std::time::Instant::now();
+        let spec = self.routes.resolve(&objs[0].key);
+        let span = tracing::info_span!("batch", files = objs.len(), db.table = ?spec.table.as_ref().ok());
+        let results = self.db.load_batch(&self.source, objs, &spec).instrument(span).await;
+        let mut outcomes = Vec::with_capacity(results.len());
+        for (obj, result) in results {
+            let span = tracing::info_span!("file", s3.key = %self.source.location(INCOMING, &obj.key));
+            let outcome = match result {
+                Ok(loaded) => settle(self.finish(&obj, loaded).instrument(span.clone()).await),
+                Err(e) => settle(Err(e)),
+            };
+            self.record(&obj, &outcome, started).instrument(span).await;
+            outcomes.push(outcome);
+        }
+        outcomes
+    }
+
+    /// Updates the status and the ledger's attempt count, and logs the outcome once.
+    async fn record(&self, obj: &ObjectMeta, outcome: &FileOutcome, started: std::time::Instant) {
         let elapsed_ms = started.elapsed().as_millis() as u64;
         match &outcome {
             FileOutcome::Loaded { rows } => {
@@ -94,7 +111,6 @@ impl Worker {
             }
             FileOutcome::NotStarted => {}
         }
-        outcome
     }
 
     fn file_ref<'a>(&'a self, obj: &'a ObjectMeta) -> FileRef<'a> {
@@ -123,7 +139,13 @@ impl Worker {
             .await
             .map_err(LoadError::from)
         };
-        match self.db.load(file, spec, open).await? {
+        let loaded = self.db.load(file, spec, open).await?;
+        self.finish(obj, loaded).await
+    }
+
+    /// After the commit: the move (and for a failed file, its report first).
+    async fn finish(&self, obj: &ObjectMeta, loaded: LoadOutcome) -> Result<FileOutcome, LoadError> {
+        match loaded {
             LoadOutcome::Loaded { rows } => {
                 self.move_to(obj, Area::Processed).await?;
                 Ok(FileOutcome::Loaded { rows })
@@ -189,5 +211,18 @@ impl Worker {
             .put(&format!("{FAILED}{name}.error.json"), body)
             .await
             .map_err(|e| e.into_load_error(Stage::Report))
+    }
+}
+
+/// A load's result as an outcome: errors mean "try again later".
+fn settle(result: Result<FileOutcome, LoadError>) -> FileOutcome {
+    match result {
+        Ok(outcome) => outcome,
+        Err(LoadError::Transient { stage, message }) => FileOutcome::Retry { stage, message },
+        // Only reachable if recording the failure itself was refused: try again later.
+        Err(LoadError::Permanent(e)) => FileOutcome::Retry {
+            stage: Stage::Database,
+            message: e.to_string(),
+        },
     }
 }

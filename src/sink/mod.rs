@@ -14,6 +14,7 @@
 
 pub mod mysql;
 pub mod postgres;
+pub mod redshift;
 pub mod sqlite;
 
 use std::future::Future;
@@ -70,6 +71,8 @@ pub enum Database {
     Postgres(postgres::PgSink),
     MySql(mysql::MySqlSink),
     Sqlite(sqlite::SqliteSink),
+    /// Loads by batch ([`Database::load_batch`]), not file by file.
+    Redshift(redshift::RedshiftSink),
 }
 
 /// What the sinks need from the configuration.
@@ -102,6 +105,7 @@ impl Database {
             Dialect::Postgres => Database::Postgres(postgres::PgSink::connect_lazy(url, config, options)?),
             Dialect::Sqlite => Database::Sqlite(sqlite::SqliteSink::connect_lazy(url, config, options)?),
             Dialect::MySql => Database::MySql(mysql::MySqlSink::connect_lazy(url, config, options)?),
+            Dialect::Redshift => Database::Redshift(redshift::RedshiftSink::connect_lazy(url, config, options)?),
         })
     }
 
@@ -110,6 +114,7 @@ impl Database {
         match self {
             Database::Postgres(s) => s.ensure_ledger().await,
             Database::MySql(s) => s.ensure_ledger().await,
+            Database::Redshift(s) => s.ensure_ledger().await,
             Database::Sqlite(s) => s.ensure_ledger().await,
         }
         .map_err(|e| db_error(e, Stage::Database))
@@ -120,6 +125,7 @@ impl Database {
         match self {
             Database::Postgres(s) => s.ping().await,
             Database::MySql(s) => s.ping().await,
+            Database::Redshift(s) => s.ping().await,
             Database::Sqlite(s) => s.ping().await,
         }
         .map_err(|e| e.to_string())
@@ -136,6 +142,7 @@ impl Database {
         match self {
             Database::Postgres(s) => s.load(file, spec, open).await,
             Database::MySql(s) => s.load(file, spec, open).await,
+            Database::Redshift(_) => Err(LoadError::transient(Stage::Database, "Redshift loads files by batch")),
             Database::Sqlite(s) => s.load(file, spec, open).await,
         }
     }
@@ -146,6 +153,7 @@ impl Database {
         match self {
             Database::Postgres(s) => s.record_transient(file, stage, message).await,
             Database::MySql(s) => s.record_transient(file, stage, message).await,
+            Database::Redshift(s) => s.record_transient(&file.id(), stage, message).await,
             Database::Sqlite(s) => s.record_transient(file, stage, message).await,
         }
         .map_err(|e| db_error(e, Stage::Database))
@@ -156,6 +164,7 @@ impl Database {
         match self {
             Database::Postgres(s) => s.reset_failed(source, key).await,
             Database::MySql(s) => s.reset_failed(source, key).await,
+            Database::Redshift(s) => s.reset_failed(source, key).await,
             Database::Sqlite(s) => s.reset_failed(source, key).await,
         }
         .map_err(|e| db_error(e, Stage::Database))
@@ -165,6 +174,7 @@ impl Database {
         match self {
             Database::Postgres(s) => s.close().await,
             Database::MySql(s) => s.close().await,
+            Database::Redshift(s) => s.close().await,
             Database::Sqlite(s) => s.close().await,
         }
     }
@@ -176,6 +186,48 @@ pub(crate) fn rows_of(stream: Stream) -> Decoded {
         Stream::Rows(decoded) => decoded,
         Stream::Raw(_) => unreachable!("opened in Mode::Rows"),
     }
+}
+
+impl Database {
+    /// Whether files are loaded by batch (Redshift) rather than one by one.
+    pub fn loads_batches(&self) -> bool {
+        matches!(self, Database::Redshift(_))
+    }
+
+    /// Loads a batch of files of one table and format (Redshift only).
+    pub async fn load_batch(
+        &self,
+        source: &crate::source::Source,
+        files: Vec<crate::source::ObjectMeta>,
+        spec: &LoadSpec,
+    ) -> redshift::BatchOutcome {
+        match self {
+            Database::Redshift(s) => s.load_batch(source, files, spec).await,
+            _ => files
+                .into_iter()
+                .map(|f| {
+                    (
+                        f,
+                        Err(LoadError::transient(
+                            Stage::Database,
+                            "this database loads files one by one",
+                        )),
+                    )
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The ledger id of a listed object.
+pub(crate) fn file_id(source: &str, obj: &crate::source::ObjectMeta) -> String {
+    FileRef {
+        source,
+        key: &obj.key,
+        etag: &obj.etag,
+        size: obj.size,
+    }
+    .id()
 }
 
 /// `host/pid`, for the ledger's `claimed_by`.

@@ -1,0 +1,141 @@
+//! The Redshift flow (manifest, one transaction per batch, COPY by manifest, ledger rows, then
+//! the moves) against PostgreSQL, with `redshift.copy = "postgres-emulation"` standing in for
+//! COPY from S3 (which only Redshift has). The COPY statements themselves are checked by unit
+//! tests in `src/sink/redshift.rs`. No Redshift cluster is involved anywhere.
+
+mod common;
+
+use std::time::Duration;
+
+use common::faults::{Fault, Rule, S3Proxy};
+use common::*;
+
+fn env(moto_env: Vec<(String, String)>, endpoint: &str, bucket: &str, db: &PgDb) -> Vec<(String, String)> {
+    let mut env = moto_env;
+    env.retain(|(k, _)| k != "AWS_ENDPOINT_URL");
+    env.extend(kv(&[
+        ("AWS_ENDPOINT_URL", endpoint),
+        ("LOADER_SOURCE__URL", &format!("s3://{bucket}")),
+        (
+            "LOADER_DATABASE__URL",
+            &db.url.replacen("postgres://", "redshift://", 1),
+        ),
+        ("LOADER_REDSHIFT__IAM_ROLE", "arn:aws:iam::123456789012:role/loader"),
+        ("LOADER_REDSHIFT__COPY", "postgres-emulation"),
+        ("LOADER_SCHEDULE__INTERVAL", "1s"),
+        ("LOADER_RETRY__INITIAL_BACKOFF", "200ms"),
+    ]));
+    env
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_loads_by_manifest_in_one_transaction_and_a_bad_file_fails_alone() {
+    let moto = Moto::start();
+    let bucket = Bucket::create(&moto, "warehouse").await;
+    let db = PgDb::create("redshift").await;
+    bucket.put("incoming/orders/a.csv", orders_csv(1, 30)).await;
+    bucket.put("incoming/orders/b.csv", orders_csv(31, 20)).await;
+    let mut bad = orders_csv(100, 3);
+    bad.push_str("103,x,not-a-number,true,2026-11-01\n");
+    bucket.put("incoming/orders/c-bad.csv", bad).await;
+    let dir = tempfile::tempdir().unwrap();
+    let loader = Loader::spawn(dir.path(), &env(moto.env(), &moto.endpoint, "warehouse", &db));
+    loader.wait_up().await;
+    wait_until(Duration::from_secs(60), "2 loaded, 1 failed", || async {
+        let s = loader.status().await;
+        s["totals"]["files_loaded"] == 2 && s["totals"]["files_failed"] == 1
+    })
+    .await;
+    assert!(bucket.keys("incoming/").await.is_empty());
+    assert_eq!(
+        bucket.keys("processed/").await,
+        ["processed/orders/a.csv", "processed/orders/b.csv"]
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&bucket.get("failed/orders/c-bad.csv.error.json").await).unwrap();
+    assert_eq!(report["error"]["kind"], "type", "{report}");
+    assert_eq!(db.count("SELECT count(*) FROM orders").await, 50);
+    assert_eq!(db.count("SELECT count(*) FROM orders WHERE id >= 100").await, 0);
+    assert_eq!(
+        db.count("SELECT sum(row_count)::bigint FROM s3_sql_loader_files WHERE state = 'loaded'")
+            .await,
+        50
+    );
+
+    // The manifests name the files of each COPY, mandatory, with their sizes.
+    let manifests = bucket.keys("manifests/orders/").await;
+    assert!(!manifests.is_empty());
+    let mut listed = Vec::new();
+    for key in &manifests {
+        let m: serde_json::Value = serde_json::from_slice(&bucket.get(key).await).unwrap();
+        for e in m["entries"].as_array().unwrap() {
+            assert_eq!(e["mandatory"], true);
+            assert!(e["meta"]["content_length"].as_u64().unwrap() > 0);
+            listed.push(e["url"].as_str().unwrap().to_string());
+        }
+    }
+    assert!(
+        listed.contains(&"s3://warehouse/incoming/orders/a.csv".to_string()),
+        "{listed:?}"
+    );
+    assert!(
+        listed.contains(&"s3://warehouse/incoming/orders/b.csv".to_string()),
+        "{listed:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn files_move_only_after_the_commit_and_a_failed_move_never_reloads() {
+    let moto = Moto::start();
+    let proxy = S3Proxy::start(&moto.endpoint).await;
+    let bucket = Bucket::create(&moto, "warehouse-move").await;
+    let db = PgDb::create("redshift_move").await;
+    bucket.put("incoming/orders/a.csv", orders_csv(1, 10)).await;
+    bucket
+        .put("incoming/orders/b.csv.gz", {
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            std::io::Write::write_all(&mut gz, orders_csv(11, 10).as_bytes()).unwrap();
+            gz.finish().unwrap()
+        })
+        .await;
+    // Every copy to processed/ fails: the batch commits, the moves do not happen.
+    proxy.set_rules(vec![Rule {
+        method: Some("PUT"),
+        path_contains: "/processed/".into(),
+        fault: Fault::Status(500),
+        rate: 1.0,
+    }]);
+    let dir = tempfile::tempdir().unwrap();
+    let loader = Loader::spawn(dir.path(), &env(moto.env(), &proxy.endpoint, "warehouse-move", &db));
+    loader.wait_up().await;
+    wait_until(Duration::from_secs(60), "both committed", || async {
+        db.count("SELECT count(*) FROM pg_tables WHERE tablename = 'orders'")
+            .await
+            == 1
+            && db
+                .count("SELECT count(*) FROM s3_sql_loader_files WHERE state = 'loaded'")
+                .await
+                == 2
+    })
+    .await;
+    assert_eq!(db.count("SELECT count(*) FROM orders").await, 20);
+    assert_eq!(
+        bucket.keys("incoming/").await.len(),
+        2,
+        "not moved while the copy to processed/ fails"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await; // more ticks: found loaded, never reloaded
+    assert_eq!(db.count("SELECT count(*) FROM orders").await, 20);
+
+    proxy.set_rules(vec![]);
+    wait_until(Duration::from_secs(60), "moved", || async {
+        bucket.keys("incoming/").await.is_empty()
+    })
+    .await;
+    assert_eq!(
+        bucket.keys("processed/").await,
+        ["processed/orders/a.csv", "processed/orders/b.csv.gz"]
+    );
+    assert_eq!(db.count("SELECT count(*) FROM orders").await, 20);
+    assert_eq!(db.count("SELECT count(DISTINCT id) FROM orders").await, 20);
+}
