@@ -13,6 +13,7 @@
 //! releases the lock; whoever lists the file next loads it.
 
 pub mod mysql;
+mod nodelay;
 pub mod postgres;
 pub mod redshift;
 pub mod sqlite;

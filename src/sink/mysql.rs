@@ -48,9 +48,19 @@ impl MySqlSink {
                     sqlx::query(
                         "SET SESSION sql_mode = CONCAT(@@SESSION.sql_mode, ',ANSI_QUOTES,STRICT_ALL_TABLES'), time_zone = '+00:00'",
                     )
-                    .execute(conn)
-                    .await
-                    .map(|_| ())
+                    .execute(&mut *conn)
+                    .await?;
+                    // See super::nodelay. The server sees our address as HOST:PORT.
+                    let ports: Option<(Option<String>, i64)> = sqlx::query_as(
+                        "SELECT CAST(HOST AS CHAR), CAST(@@port AS SIGNED) FROM information_schema.PROCESSLIST WHERE ID = CONNECTION_ID()",
+                    )
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                    let client = ports.as_ref().and_then(|(host, _)| host.as_deref()?.rsplit_once(':')?.1.parse::<u16>().ok());
+                    if let (Some(client), Some((_, server))) = (client, ports) {
+                        super::nodelay::set_nodelay(client, server as u16);
+                    }
+                    Ok(())
                 })
             })
             .connect_lazy_with(connect);

@@ -27,6 +27,20 @@ pub struct PgSink {
     columns: std::sync::Mutex<std::collections::HashMap<String, Vec<(String, ColumnType)>>>,
 }
 
+/// See [`super::nodelay`]: finds this connection's socket by its ports (none on a Unix socket).
+pub(crate) async fn disable_nagle(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+    let (client, server): (Option<i32>, Option<i32>) = sqlx::query_as("SELECT inet_client_port(), inet_server_port()")
+        .fetch_one(&mut *conn)
+        .await?;
+    if let (Some(client), Some(server)) = (client, server) {
+        // The server's view: its port is our peer's, its client port is our local one.
+        if !super::nodelay::set_nodelay(client as u16, server as u16) {
+            tracing::debug!("could not find the database socket to set TCP_NODELAY");
+        }
+    }
+    Ok(())
+}
+
 /// The advisory lock key of a file: the first 64 bits of its id.
 fn lock_key(id: &str) -> i64 {
     u64::from_str_radix(&id[..16], 16).unwrap_or(0) as i64
@@ -56,6 +70,7 @@ impl PgSink {
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections())
             .acquire_timeout(config.database.connect_timeout)
+            .after_connect(|conn, _| Box::pin(async move { disable_nagle(conn).await }))
             .connect_lazy_with(connect);
         let claims = quote_ident(&format!("{}_claims", config.database.ledger_table));
         Ok(PgSink {

@@ -222,6 +222,7 @@ impl RedshiftSink {
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections())
             .acquire_timeout(config.database.connect_timeout)
+            .after_connect(|conn, _| Box::pin(async move { super::postgres::disable_nagle(conn).await }))
             .connect_lazy_with(connect);
         Ok(RedshiftSink {
             pool,
