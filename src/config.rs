@@ -74,6 +74,11 @@ pub struct SourceConfig {
     /// left for a later tick. Local folders only; S3 objects appear only once complete.
     #[serde(with = "duration")]
     pub settle_time: Duration,
+    /// The store refuses a CopyObject onto an existing key when asked to (`If-None-Match: *`),
+    /// as Amazon S3 does: a move then needs no HEAD first. Set it to false for stores that
+    /// ignore the condition (moto, some S3-compatible stores), so that nothing in `processed/`
+    /// or `failed/` is ever overwritten there either.
+    pub conditional_copy: bool,
 }
 
 impl Default for SourceConfig {
@@ -84,6 +89,7 @@ impl Default for SourceConfig {
             region: None,
             force_path_style: false,
             settle_time: Duration::from_secs(1),
+            conditional_copy: true,
         }
     }
 }

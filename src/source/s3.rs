@@ -29,6 +29,8 @@ pub struct S3Source {
     /// Prefix under the bucket, empty or ending in `/`.
     root: String,
     id: String,
+    /// See `source.conditional_copy`.
+    conditional_copy: bool,
 }
 
 impl S3Source {
@@ -52,6 +54,7 @@ impl S3Source {
             bucket,
             root,
             id,
+            conditional_copy: config.conditional_copy,
         }
     }
 
@@ -138,15 +141,19 @@ impl S3Source {
         })
     }
 
-    /// CopyObject to `to/name` only if that name is free (HEAD, then `If-None-Match: *`) and the source is
+    /// CopyObject to `to/name` only if that name is free (`If-None-Match: *`, and a HEAD first
+    /// unless the store honours it) and the source is
     /// still the loaded version (`x-amz-copy-source-if-match`), then DeleteObject guarded by
     /// the same ETag.
     pub async fn move_as(&self, from: &str, to: &str, obj: &ObjectMeta, name: &str) -> Result<MoveAs, SourceError> {
         let src = format!("{}{from}{}", self.root, obj.key);
         let dest = format!("{}{to}{name}", self.root);
-        // A HEAD first: not every S3-compatible store honours If-None-Match on CopyObject
-        // (moto does not); the condition on the copy still closes the race where S3 does.
-        if let Some(found) = self.head_etag(&dest).await? {
+        // Where the store ignores If-None-Match on CopyObject (moto does), a HEAD first; where
+        // it honours it (Amazon S3), the condition alone keeps the destination, and saves a
+        // request per file.
+        if !self.conditional_copy
+            && let Some(found) = self.head_etag(&dest).await?
+        {
             return Ok(MoveAs::Taken {
                 identical: super::same_version(&found, &obj.etag),
             });

@@ -128,6 +128,8 @@ impl Moto {
             ("AWS_ENDPOINT_URL", self.endpoint.as_str()),
             ("AWS_EC2_METADATA_DISABLED", "true"),
             ("LOADER_SOURCE__FORCE_PATH_STYLE", "true"),
+            // moto ignores If-None-Match on CopyObject: the loader must HEAD before moving.
+            ("LOADER_SOURCE__CONDITIONAL_COPY", "false"),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
