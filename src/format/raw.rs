@@ -109,67 +109,104 @@ impl Scanner {
         }
     }
 
-    /// Feeds bytes; `Err` names the first thing COPY would read differently.
+    /// Feeds bytes; `Err` names the first thing COPY would read differently. Runs of ordinary
+    /// bytes are skipped with `memchr`: only quotes and line ends (and the first bytes of a
+    /// line, and the byte after a closing quote or a CR) are looked at one by one.
     pub fn feed(&mut self, bytes: &[u8]) -> Result<(), &'static str> {
-        for &b in bytes {
-            if self.after_cr {
-                self.after_cr = false;
-                if b != b'\n' {
-                    return Err("a bare CR line end");
-                }
-                continue;
-            }
-            if self.in_quotes {
-                if b == self.quote {
-                    self.in_quotes = false;
-                    self.just_closed = true;
-                }
-                continue;
-            }
-            if self.just_closed {
-                self.just_closed = false;
-                if b == self.quote {
-                    self.in_quotes = true; // a doubled quote inside the field
-                    continue;
-                }
-                if b != self.delimiter && b != b'\n' && b != b'\r' {
-                    return Err("text after a closing quote");
-                }
-            }
-            if b == b'\n' || b == b'\r' {
-                let crlf = b == b'\r';
-                if *self.crlf.get_or_insert(crlf) != crlf {
-                    return Err("mixed line ends");
-                }
-                if self.line_len == 0 && self.started {
-                    return Err("a blank line");
-                }
-                if self.line_is_marker && self.line_len == 2 {
-                    return Err("a line holding only \\.");
-                }
-                self.after_cr = crlf;
-                self.lines += 1;
-                self.line_len = 0;
-                self.line_is_marker = false;
-                self.at_field_start = true;
-            } else {
-                if b == self.quote {
-                    // COPY would start quoting here; the loader's reader keeps the quote as text.
-                    if !self.at_field_start {
-                        return Err("a quote inside an unquoted field");
+        let mut i = 0;
+        while i < bytes.len() {
+            if self.after_cr || self.just_closed || (!self.in_quotes && self.line_len < 2) {
+                self.step(bytes[i])?;
+                i += 1;
+            } else if self.in_quotes {
+                match memchr::memchr(self.quote, &bytes[i..]) {
+                    Some(k) => {
+                        self.step(self.quote)?;
+                        i += k + 1;
                     }
-                    self.in_quotes = true;
+                    None => return Ok(()),
                 }
-                self.at_field_start = b == self.delimiter;
-                self.line_is_marker = match self.line_len {
-                    0 => b == b'\\',
-                    1 => self.line_is_marker && b == b'.',
-                    _ => false,
-                };
-                self.line_len = (self.line_len + 1).min(3);
+            } else {
+                let rest = &bytes[i..];
+                let found = memchr::memchr3(self.quote, b'\n', b'\r', rest);
+                let ordinary = found.unwrap_or(rest.len());
+                if ordinary > 0 {
+                    // Ordinary bytes past the line's first two: only the field start moves.
+                    self.at_field_start = rest[ordinary - 1] == self.delimiter;
+                    self.line_len = 3;
+                    self.line_is_marker = false;
+                }
+                match found {
+                    Some(k) => {
+                        self.step(rest[k])?;
+                        i += k + 1;
+                    }
+                    None => return Ok(()),
+                }
             }
-            self.started = true;
         }
+        Ok(())
+    }
+
+    /// One byte, exactly.
+    fn step(&mut self, b: u8) -> Result<(), &'static str> {
+        if self.after_cr {
+            self.after_cr = false;
+            if b != b'\n' {
+                return Err("a bare CR line end");
+            }
+            return Ok(());
+        }
+        if self.in_quotes {
+            if b == self.quote {
+                self.in_quotes = false;
+                self.just_closed = true;
+            }
+            return Ok(());
+        }
+        if self.just_closed {
+            self.just_closed = false;
+            if b == self.quote {
+                self.in_quotes = true; // a doubled quote inside the field
+                return Ok(());
+            }
+            if b != self.delimiter && b != b'\n' && b != b'\r' {
+                return Err("text after a closing quote");
+            }
+        }
+        if b == b'\n' || b == b'\r' {
+            let crlf = b == b'\r';
+            if *self.crlf.get_or_insert(crlf) != crlf {
+                return Err("mixed line ends");
+            }
+            if self.line_len == 0 && self.started {
+                return Err("a blank line");
+            }
+            if self.line_is_marker && self.line_len == 2 {
+                return Err("a line holding only \\.");
+            }
+            self.after_cr = crlf;
+            self.lines += 1;
+            self.line_len = 0;
+            self.line_is_marker = false;
+            self.at_field_start = true;
+        } else {
+            if b == self.quote {
+                // COPY would start quoting here; the loader's reader keeps the quote as text.
+                if !self.at_field_start {
+                    return Err("a quote inside an unquoted field");
+                }
+                self.in_quotes = true;
+            }
+            self.at_field_start = b == self.delimiter;
+            self.line_is_marker = match self.line_len {
+                0 => b == b'\\',
+                1 => self.line_is_marker && b == b'.',
+                _ => false,
+            };
+            self.line_len = (self.line_len + 1).min(3);
+        }
+        self.started = true;
         Ok(())
     }
 
@@ -219,6 +256,33 @@ mod tests {
         assert_eq!(scan(b"a\n\\.x\n"), Ok(2));
         assert_eq!(scan(b"a,b\n5\" disk,x\n"), Err("a quote inside an unquoted field"));
         assert_eq!(scan(b"a,b\n\"x\"y,z\n"), Err("text after a closing quote"));
+    }
+
+    #[test]
+    fn the_fast_scanner_agrees_with_a_byte_by_byte_one_on_random_input() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let alphabet = b"ab,,\"\"\n\r\\.x";
+        for _ in 0..20_000 {
+            let len = rng.random_range(0..60);
+            let input: Vec<u8> = (0..len)
+                .map(|_| alphabet[rng.random_range(0..alphabet.len())])
+                .collect();
+            let mut fast = Scanner::new(b'"', b',');
+            let mut fast_result = Ok(());
+            let mut rest = &input[..];
+            while !rest.is_empty() && fast_result.is_ok() {
+                let cut = rng.random_range(1..=rest.len());
+                fast_result = fast.feed(&rest[..cut]);
+                rest = &rest[cut..];
+            }
+            let mut slow = Scanner::new(b'"', b',');
+            let slow_result = input.iter().try_for_each(|b| slow.step(*b));
+            assert_eq!(fast_result, slow_result, "{:?}", String::from_utf8_lossy(&input));
+            if fast_result.is_ok() {
+                assert_eq!(fast.finish(), slow.finish(), "{:?}", String::from_utf8_lossy(&input));
+            }
+        }
     }
 
     #[test]
