@@ -262,11 +262,12 @@ fn walk(dir: &Path, rel: &str, settle: Duration, now: SystemTime, out: &mut Vec<
     Ok(())
 }
 
-/// Removes folders left empty by a move, up to (not including) `stop`.
+/// Removes folders left empty by a move, up to (not including) `stop` and the folders right
+/// under it (producers expect `incoming/<table>/` to stay).
 async fn prune_empty_dirs(moved: &Path, stop: &Path) {
     let mut dir = moved.parent();
     while let Some(d) = dir {
-        if d == stop || !d.starts_with(stop) || tokio::fs::remove_dir(d).await.is_err() {
+        if d == stop || d.parent() == Some(stop) || !d.starts_with(stop) || tokio::fs::remove_dir(d).await.is_err() {
             break;
         }
         dir = d.parent();
