@@ -298,12 +298,8 @@ pub async fn validate_file(config: &Config, path: &std::path::Path, key: &str) -
         while let Some(b) = batch {
             for r in 0..b.len() {
                 for ((value, ty), column) in b.row(r).zip(&plan.types).zip(&plan.columns) {
-                    ty.convert(value).map_err(|m| {
-                        FileError::new(FileErrorKind::Type, m)
-                            .at_line(Some(b.line(r)))
-                            .at_record(Some(b.record(r)))
-                            .in_column(column.clone())
-                    })?;
+                    ty.convert(value)
+                        .map_err(|m| b.error_at(r, column, FileErrorKind::Type, m))?;
                 }
                 validation.rows += 1;
             }

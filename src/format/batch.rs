@@ -1,5 +1,7 @@
 //! A batch of decoded rows in one flat buffer: no allocation per row or per field.
 
+use crate::error::{FileError, FileErrorKind};
+
 /// Rows of `width` fields each. Field text is stored back to back in one buffer; NULL is a
 /// flag, distinct from the empty string.
 #[derive(Debug, Default)]
@@ -32,10 +34,6 @@ impl Batch {
         self.lines.is_empty()
     }
 
-    pub fn width(&self) -> usize {
-        self.width
-    }
-
     /// Bytes of field text held.
     pub fn text_len(&self) -> usize {
         self.text.len()
@@ -65,6 +63,14 @@ impl Batch {
 
     pub fn record(&self, row: usize) -> u64 {
         self.first_record + row as u64
+    }
+
+    /// An error about a value of `row` in `column`, placed at its line and record.
+    pub fn error_at(&self, row: usize, column: &str, kind: FileErrorKind, message: String) -> FileError {
+        FileError::new(kind, message)
+            .at_line(Some(self.line(row)))
+            .at_record(Some(self.record(row)))
+            .in_column(column)
     }
 
     /// The rows as owned strings (for tests and small tools).

@@ -158,16 +158,9 @@ impl<R: BufRead> CsvReader<R> {
                             *state = State::FieldStart;
                         } else if b == b'\n' || b == b'\r' {
                             self.line += 1;
-                            if b == b'\r' {
-                                if i < buf.len() {
-                                    if buf[i] == b'\n' {
-                                        i += 1;
-                                    }
-                                } else {
-                                    self.after_cr = true;
-                                }
-                            }
-                            self.input.consume(i);
+                            let (end, after_cr) = past_line_end(b, buf, i);
+                            self.after_cr = after_cr;
+                            self.input.consume(end);
                             return Ok(true);
                         } else if b == self.quote && *state == State::FieldStart {
                             *state = State::Quoted;
@@ -196,16 +189,9 @@ impl<R: BufRead> CsvReader<R> {
                             *state = State::FieldStart;
                         } else if b == b'\n' || b == b'\r' {
                             self.line += 1;
-                            if b == b'\r' {
-                                if i < buf.len() {
-                                    if buf[i] == b'\n' {
-                                        i += 1;
-                                    }
-                                } else {
-                                    self.after_cr = true;
-                                }
-                            }
-                            self.input.consume(i);
+                            let (end, after_cr) = past_line_end(b, buf, i);
+                            self.after_cr = after_cr;
+                            self.input.consume(end);
                             return Ok(true);
                         } else {
                             return Err(Err(CsvError {
@@ -222,6 +208,16 @@ impl<R: BufRead> CsvReader<R> {
             let n = buf.len();
             self.input.consume(n);
         }
+    }
+}
+
+/// Where a line end `b` (just read, `i` is the next index) ends in `buf`: a CR swallows the LF
+/// after it. Also says whether a CR ended the buffer, so that the next one's LF is swallowed.
+fn past_line_end(b: u8, buf: &[u8], i: usize) -> (usize, bool) {
+    match (b, buf.get(i)) {
+        (b'\r', Some(b'\n')) => (i + 1, false),
+        (b'\r', None) => (i, true),
+        _ => (i, false),
     }
 }
 

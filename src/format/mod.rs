@@ -11,7 +11,7 @@ pub mod raw;
 
 use std::io::{self, BufRead, BufReader, Read};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::io::AsyncRead;
 use tokio::sync::mpsc;
@@ -165,8 +165,6 @@ pub struct Decoded {
     /// Per column: holds nested JSON (JSON lines only).
     pub nested: Vec<bool>,
     batches: mpsc::Receiver<Result<Batch, DecodeFailure>>,
-    /// Compressed bytes read from the source so far.
-    pub bytes_read: Arc<AtomicU64>,
 }
 
 impl Decoded {
@@ -250,7 +248,6 @@ pub async fn open(
     let (tx, rx) = mpsc::channel(CHANNEL_BATCHES);
     let (raw_tx, raw_rx) = mpsc::channel(CHANNEL_BATCHES);
     let (prefix_tx, prefix_rx) = tokio::sync::oneshot::channel();
-    let bytes_read = Arc::new(AtomicU64::new(0));
     let declared = content_encoding
         .and_then(Compression::from_content_encoding)
         .or_else(|| Compression::from_key(key));
@@ -261,7 +258,6 @@ pub async fn open(
     let source = SourceRead {
         inner: SyncIoBridge::new(reader),
         failed: Arc::new(AtomicBool::new(false)),
-        bytes: bytes_read.clone(),
     };
     let raw_options = options.clone();
     let has_header = options.header;
@@ -297,7 +293,6 @@ pub async fn open(
                 header,
                 nested,
                 batches: rx,
-                bytes_read,
             })),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(DecodeFailure::Source(io::Error::other(
@@ -587,16 +582,12 @@ fn jsonl_failure(e: jsonl::JsonlError) -> DecodeFailure {
 struct SourceRead<R> {
     inner: R,
     failed: Arc<AtomicBool>,
-    bytes: Arc<AtomicU64>,
 }
 
 impl<R: Read> Read for SourceRead<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self.inner.read(buf) {
-            Ok(n) => {
-                self.bytes.fetch_add(n as u64, Ordering::Relaxed);
-                Ok(n)
-            }
+            Ok(n) => Ok(n),
             Err(e) => {
                 self.failed.store(true, Ordering::Relaxed);
                 Err(e)

@@ -376,12 +376,7 @@ impl MySqlSink {
                 let mut query = sqlx::query(AssertSqlSafe(sql));
                 for r in start..end {
                     for ((value, ty), column) in b.row(r).zip(&plan.types).zip(&plan.columns) {
-                        let type_error = |message: String| {
-                            FileError::new(FileErrorKind::Type, message)
-                                .at_line(Some(b.line(r)))
-                                .at_record(Some(b.record(r)))
-                                .in_column(column.clone())
-                        };
+                        let type_error = |m: String| b.error_at(r, column, FileErrorKind::Type, m);
                         let value = ty.convert(value).map_err(type_error)?;
                         query = match (value, ty) {
                             (Value::Text(t), ColumnType::TimestampTz) => query.bind(

@@ -322,7 +322,7 @@ impl RedshiftSink {
             Ok(t) => t.clone(),
             Err(e) => {
                 // No table: every file fails the same way, recorded like any failure.
-                let mut tx = self.lock(&[]).await?;
+                let mut tx = self.lock().await?;
                 let mut out = Vec::new();
                 for f in files {
                     self.ensure_row(&mut tx, source, f).await?;
@@ -337,7 +337,7 @@ impl RedshiftSink {
         // The columns and a sample from the first file (one route, one format: one header).
         let format = spec.format.format.unwrap_or_else(|| Format::from_key(&files[0].key));
         let (columns, nested, sample) = read_header(source, &files[0], spec).await?;
-        let mut tx = self.lock(&[]).await?;
+        let mut tx = self.lock().await?;
         let mut out: BatchOutcome = Vec::new();
         let mut todo: Vec<&ObjectMeta> = Vec::new();
         for f in files {
@@ -387,7 +387,7 @@ impl RedshiftSink {
         let statement = copy_statement(
             &table,
             &names,
-            &source.location("", &manifest_path).replacen("//", "/", 0),
+            &source.location("", &manifest_path),
             &self.config,
             format,
             &spec.format,
@@ -427,7 +427,7 @@ impl RedshiftSink {
                 // The COPY rolled back whole: record the files it named as failed, in a new
                 // transaction; the others are left pending for the next tick.
                 drop(tx);
-                let mut tx = self.lock(&[]).await?;
+                let mut tx = self.lock().await?;
                 for f in &todo {
                     let url = source.location(INCOMING, &f.key);
                     match bad.get(&url) {
@@ -452,7 +452,7 @@ impl RedshiftSink {
     }
 
     /// A transaction holding the ledger's lock: replicas take turns.
-    async fn lock(&self, _: &[()]) -> Result<Transaction<'static, Postgres>, LoadError> {
+    async fn lock(&self) -> Result<Transaction<'static, Postgres>, LoadError> {
         let db = |e| db_error(e, Stage::Database);
         let mut tx = self.pool.begin().await.map_err(db)?;
         sqlx::query(AssertSqlSafe(format!("LOCK {}", self.options.ledger)))

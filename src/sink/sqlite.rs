@@ -363,12 +363,9 @@ impl SqliteSink {
                 let mut query = sqlx::query(AssertSqlSafe(sql));
                 for r in start..end {
                     for ((value, ty), column) in b.row(r).zip(&plan.types).zip(&plan.columns) {
-                        let value = ty.convert(value).map_err(|message| {
-                            FileError::new(FileErrorKind::Type, message)
-                                .at_line(Some(b.line(r)))
-                                .at_record(Some(b.record(r)))
-                                .in_column(column.clone())
-                        })?;
+                        let value = ty
+                            .convert(value)
+                            .map_err(|m| b.error_at(r, column, FileErrorKind::Type, m))?;
                         query = bind_value(query, value);
                     }
                     if let Some(l) = &lineage {

@@ -277,6 +277,7 @@ async fn prune_empty_dirs(moved: &Path, stop: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::source::MoveOutcome;
 
     #[test]
     fn keys_that_leave_the_root_are_refused() {
@@ -297,6 +298,32 @@ mod tests {
             assert!(looks_temporary(name), "{name}");
         }
         assert!(!looks_temporary("orders.csv.gz"));
+    }
+
+    #[tokio::test]
+    async fn a_move_interrupted_after_the_link_is_finished_not_duplicated() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = LocalSource::create(dir.path(), Duration::ZERO).unwrap();
+        std::fs::create_dir_all(dir.path().join("incoming/t")).unwrap();
+        std::fs::write(dir.path().join("incoming/t/a.csv"), "x\n1\n").unwrap();
+        let (found, _) = src.list(INCOMING).await.unwrap();
+        // The process died between linking processed/t/a.csv and removing incoming/t/a.csv.
+        std::fs::create_dir_all(dir.path().join("processed/t")).unwrap();
+        std::fs::hard_link(
+            dir.path().join("incoming/t/a.csv"),
+            dir.path().join("processed/t/a.csv"),
+        )
+        .unwrap();
+        let outcome = crate::source::Source::Local(src)
+            .move_to(&found[0], crate::source::Area::Processed)
+            .await;
+        assert_eq!(outcome.unwrap(), MoveOutcome::Moved { to: "t/a.csv".into() });
+        assert!(!dir.path().join("incoming/t/a.csv").exists());
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("processed/t")).unwrap().count(),
+            1,
+            "no second copy"
+        );
     }
 
     #[tokio::test]
