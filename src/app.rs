@@ -264,50 +264,63 @@ pub struct Validation {
 
 /// `validate FILE`: decodes a local file with the settings of the route its `key` (relative to
 /// `incoming/`) would get, checks its names and every value against the types a new table
-/// would get, and touches no database.
+/// would get (widened as a load would widen them), and touches no database.
 pub async fn validate_file(config: &Config, path: &std::path::Path, key: &str) -> anyhow::Result<Validation> {
-    use crate::error::{FileError, FileErrorKind};
-    let spec = Routes::new(config).resolve(key);
-    let file = tokio::fs::File::open(path)
-        .await
-        .with_context(|| format!("opening {}", path.display()))?;
-    let mut validation = Validation {
-        key: key.to_string(),
-        spec: spec.clone(),
-        columns: Vec::new(),
-        rows: 0,
-        error: None,
-    };
-    if let Err(e) = &spec.table {
-        validation.error = Some(e.clone());
-        return Ok(validation);
-    }
-    let result: Result<(), FileError> = async {
-        let mut decoded = crate::format::decode(Box::new(file), key, None, spec.format.clone())
+    let mut spec = Routes::new(config).resolve(key);
+    loop {
+        let mut validation = Validation {
+            key: key.to_string(),
+            spec: spec.clone(),
+            columns: Vec::new(),
+            rows: 0,
+            error: None,
+        };
+        if let Err(e) = &spec.table {
+            validation.error = Some(e.clone());
+            return Ok(validation);
+        }
+        let file = tokio::fs::File::open(path)
             .await
-            .map_err(crate::format::DecodeFailure::into_file_error)?;
-        if decoded.header.is_empty() {
-            return Ok(());
+            .with_context(|| format!("opening {}", path.display()))?;
+        validation.error = read_all_values(file, key, &spec, &mut validation).await.err();
+        let failed = validation.error.clone().map(crate::error::LoadError::Permanent);
+        let new_columns = validation.columns.clone();
+        match failed.and_then(|e| crate::sink::widened_spec(&e, &new_columns, &spec)) {
+            Some(wider) => spec = wider,
+            None => return Ok(validation),
         }
-        let names = crate::sink::file_columns(&decoded.header)?;
-        let as_file_error = crate::format::DecodeFailure::into_file_error;
-        let first = decoded.next_batch().await.map_err(as_file_error)?;
-        let plan = crate::sink::plan_load("(new)", &names, &decoded.nested, None, &spec, first.as_ref())?;
-        validation.columns = plan.columns.iter().cloned().zip(plan.types.iter().copied()).collect();
-        let mut batch = first;
-        while let Some(b) = batch {
-            for r in 0..b.len() {
-                for ((value, ty), column) in b.row(r).zip(&plan.types).zip(&plan.columns) {
-                    ty.convert(value)
-                        .map_err(|m| b.error_at(r, column, FileErrorKind::Type, m))?;
-                }
-                validation.rows += 1;
-            }
-            batch = decoded.next_batch().await.map_err(as_file_error)?;
-        }
-        Ok(())
     }
-    .await;
-    validation.error = result.err();
-    Ok(validation)
+}
+
+/// One reading of the file for [`validate_file`]: columns and rows into `validation`.
+async fn read_all_values(
+    file: tokio::fs::File,
+    key: &str,
+    spec: &crate::routes::LoadSpec,
+    validation: &mut Validation,
+) -> Result<(), crate::error::FileError> {
+    use crate::error::FileErrorKind;
+    let as_file_error = crate::format::DecodeFailure::into_file_error;
+    let mut decoded = crate::format::decode(Box::new(file), key, None, spec.format.clone())
+        .await
+        .map_err(as_file_error)?;
+    if decoded.header.is_empty() {
+        return Ok(());
+    }
+    let names = crate::sink::file_columns(&decoded.header)?;
+    let first = decoded.next_batch().await.map_err(as_file_error)?;
+    let plan = crate::sink::plan_load("(new)", &names, &decoded.types, None, spec, first.as_ref())?;
+    validation.columns = plan.new_columns();
+    let mut batch = first;
+    while let Some(b) = batch {
+        for r in 0..b.len() {
+            for ((value, ty), column) in b.row(r).zip(&plan.types).zip(&plan.columns) {
+                ty.convert(value)
+                    .map_err(|m| b.error_at(r, column, FileErrorKind::Type, m))?;
+            }
+            validation.rows += 1;
+        }
+        batch = decoded.next_batch().await.map_err(as_file_error)?;
+    }
+    Ok(())
 }

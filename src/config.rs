@@ -109,6 +109,13 @@ pub struct DatabaseConfig {
     pub ledger_table: String,
     /// Create a missing target table, with column types inferred from the file's first rows.
     pub create_tables: bool,
+    /// Infer the types of new columns (only types that keep every value exactly as written);
+    /// `false`: every new column is text. Routes can override it and declare types.
+    pub infer_types: bool,
+    /// PostgreSQL: pass CSV bytes straight to COPY when the loader's reader and COPY are known
+    /// to read them alike (checked byte by byte; the parser takes over otherwise). `false`:
+    /// every file goes through the loader's parser.
+    pub passthrough: bool,
 }
 
 impl Default for DatabaseConfig {
@@ -119,6 +126,8 @@ impl Default for DatabaseConfig {
             connect_timeout: Duration::from_secs(10),
             ledger_table: "s3_sql_loader_files".into(),
             create_tables: true,
+            infer_types: true,
+            passthrough: true,
         }
     }
 }

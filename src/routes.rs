@@ -49,6 +49,13 @@ pub struct RouteConfig {
     pub metadata_columns: bool,
     /// Overrides `database.create_tables` for this route.
     pub create_tables: Option<bool>,
+    /// Overrides `database.infer_types` for this route: `false` makes every new column text.
+    pub infer_types: Option<bool>,
+    /// Declared types of new columns, by column name (`zip = "text"`, `amount = "numeric"`),
+    /// over whatever inference would choose. Accepted: integer, numeric (decimal), float,
+    /// boolean, date, timestamp, timestamptz, text, json.
+    #[serde(default)]
+    pub column_types: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -90,6 +97,12 @@ pub struct LoadSpec {
     pub on_missing_columns: MissingColumns,
     pub metadata_columns: bool,
     pub create_tables: bool,
+    /// Infer the types of new columns from the data (else every new column is text).
+    pub infer_types: bool,
+    /// Declared types of new columns, over inference.
+    pub column_types: std::collections::BTreeMap<String, schema::ColumnType>,
+    /// New columns widened by an earlier attempt of this load (see `sink::widened_spec`).
+    pub widened: std::collections::BTreeMap<String, schema::ColumnType>,
 }
 
 struct Route {
@@ -102,6 +115,7 @@ pub struct Routes {
     routes: Vec<Route>,
     defaults: FormatOptions,
     create_tables: bool,
+    infer_types: bool,
     ledger_table: String,
 }
 
@@ -144,6 +158,16 @@ impl Routes {
             if r.write_mode == WriteMode::Upsert && r.key_columns.is_empty() {
                 problems.push(format!("{at}.key_columns: needed when write_mode = \"upsert\""));
             }
+            for (c, t) in &r.column_types {
+                if !schema::is_safe_identifier(c) {
+                    problems.push(format!("{at}.column_types: column {c:?} is not a safe SQL identifier"));
+                }
+                if schema::ColumnType::from_declared(t).is_none() {
+                    problems.push(format!(
+                        "{at}.column_types.{c}: {t:?} is not a type the loader knows (integer, numeric, float, boolean, date, timestamp, timestamptz, text, json)"
+                    ));
+                }
+            }
             for c in r.columns.iter().chain(&r.key_columns) {
                 if !schema::is_safe_identifier(c) {
                     problems.push(format!("{at}: column {c:?} is not a safe SQL identifier"));
@@ -176,6 +200,7 @@ impl Routes {
                 .collect(),
             defaults,
             create_tables: config.database.create_tables,
+            infer_types: config.database.infer_types,
             ledger_table: config.database.ledger_table.clone(),
         }
     }
@@ -190,24 +215,28 @@ impl Routes {
         let Some(Route { config: r, .. }) = route else {
             return LoadSpec {
                 table: table_for_key(key, &self.ledger_table),
-                format: self.defaults.clone(),
+                format: self.defaults.clone().resolved(key),
                 write_mode: WriteMode::Append,
                 key_columns: Vec::new(),
                 on_new_columns: NewColumns::Fail,
                 on_missing_columns: MissingColumns::Null,
                 metadata_columns: false,
                 create_tables: self.create_tables,
+                infer_types: self.infer_types,
+                column_types: Default::default(),
+                widened: Default::default(),
             };
         };
         let table = match &r.table {
             Some(t) => Ok(schema::normalize(t)),
             None => table_for_key(key, &self.ledger_table),
         };
+        let resolved = r.format.unwrap_or_else(|| Format::from_key(key));
         let format = FormatOptions {
-            format: r.format,
+            format: Some(resolved),
             delimiter: one_byte(
                 &r.delimiter,
-                if r.format == Some(Format::Tsv) {
+                if resolved == Format::Tsv {
                     b'\t'
                 } else {
                     self.defaults.delimiter
@@ -227,6 +256,13 @@ impl Routes {
             on_missing_columns: r.on_missing_columns,
             metadata_columns: r.metadata_columns,
             create_tables: r.create_tables.unwrap_or(self.create_tables),
+            infer_types: r.infer_types.unwrap_or(self.infer_types),
+            column_types: r
+                .column_types
+                .iter()
+                .filter_map(|(c, t)| Some((schema::normalize(c), schema::ColumnType::from_declared(t)?)))
+                .collect(),
+            widened: Default::default(),
         }
     }
 }

@@ -2,7 +2,7 @@
 //! Names from files are never spliced into SQL unless [`is_safe_identifier`] accepts them; they
 //! are then lowercased (as unquoted SQL would fold them) and quoted.
 
-use chrono::{DateTime, NaiveDate, NaiveDateTime};
+use chrono::{DateTime, Datelike, NaiveDate, NaiveDateTime, Timelike};
 
 /// At most this many rows are looked at to infer the types of a new table.
 pub const INFERENCE_SAMPLE_ROWS: usize = 1000;
@@ -26,6 +26,10 @@ pub fn normalize(name: &str) -> String {
 #[serde(rename_all = "lowercase")]
 pub enum ColumnType {
     Integer,
+    /// An exact decimal (PostgreSQL `numeric`, MySQL `DECIMAL`, text in SQLite): never binary
+    /// floating point, so `129.90` stays `129.90`.
+    Numeric,
+    /// Binary floating point: only for columns a user declared so (never inferred).
     Float,
     Boolean,
     Date,
@@ -37,17 +41,52 @@ pub enum ColumnType {
 }
 
 impl ColumnType {
-    /// Does `value` (not NULL) fit this type?
+    /// Does `value` (not NULL) fit this type without losing anything? This one rule decides
+    /// both what inference may choose and which values a typed column takes: an integer is
+    /// written as the database would print it back (`007`, `+7`, `-0` are not integers), a
+    /// decimal likewise (`1E2`, `.5`, `00.5` are not), a date is `YYYY-MM-DD`, a timestamp
+    /// ISO 8601 with at most 6 fractional digits (the databases keep microseconds), years
+    /// 0001 to 9999.
     pub fn accepts(self, value: &str) -> bool {
         match self {
-            ColumnType::Integer => value.parse::<i64>().is_ok(),
+            ColumnType::Integer => is_canonical_integer(value),
+            ColumnType::Numeric => is_canonical_decimal(value),
             ColumnType::Float => parse_float(value).is_some(),
             ColumnType::Boolean => parse_bool(value).is_some(),
-            ColumnType::Date => NaiveDate::parse_from_str(value, "%Y-%m-%d").is_ok(),
+            ColumnType::Date => parse_iso_date(value).is_some(),
             ColumnType::Timestamp => parse_naive_timestamp(value).is_some(),
-            ColumnType::TimestampTz => DateTime::parse_from_rfc3339(value).is_ok(),
+            ColumnType::TimestampTz => parse_timestamptz(value).is_some(),
             ColumnType::Text | ColumnType::Json => true,
         }
+    }
+
+    /// The type to widen to when a value of a column this load created does not fit:
+    /// integers to exact decimals, everything else to text. `None` for text itself.
+    pub fn widened(self, value: Option<&str>) -> Option<ColumnType> {
+        match self {
+            ColumnType::Text | ColumnType::Json => None,
+            ColumnType::Integer if value.is_none_or(is_canonical_decimal) => Some(ColumnType::Numeric),
+            _ => Some(ColumnType::Text),
+        }
+    }
+
+    /// The type a route declares (`[routes.column_types]`): the loader's own names, plus the
+    /// common SQL spellings.
+    pub fn from_declared(name: &str) -> Option<ColumnType> {
+        let n = name.trim().to_ascii_lowercase();
+        let base = n.split('(').next().unwrap_or("").trim();
+        Some(match base {
+            "integer" | "int" | "bigint" | "int8" => ColumnType::Integer,
+            "numeric" | "decimal" => ColumnType::Numeric,
+            "float" | "double" | "double precision" | "real" | "float8" => ColumnType::Float,
+            "boolean" | "bool" => ColumnType::Boolean,
+            "date" => ColumnType::Date,
+            "timestamp" => ColumnType::Timestamp,
+            "timestamptz" | "timestamp with time zone" => ColumnType::TimestampTz,
+            "text" | "string" | "varchar" => ColumnType::Text,
+            "json" | "jsonb" => ColumnType::Json,
+            _ => return None,
+        })
     }
 }
 
@@ -59,7 +98,7 @@ pub enum Value<'a> {
     Integer(i64),
     Float(f64),
     Boolean(bool),
-    /// Text, and dates and timestamps in their checked text form.
+    /// Text, and decimals, dates and timestamps in their checked text form.
     Text(&'a str),
 }
 
@@ -69,22 +108,9 @@ impl ColumnType {
         let Some(value) = value else { return Ok(Value::Null) };
         let mismatch = || format!("{value:?} is not a valid {}", self.describe());
         Ok(match self {
-            ColumnType::Integer => Value::Integer(value.parse().map_err(|_| mismatch())?),
+            ColumnType::Integer if self.accepts(value) => Value::Integer(value.parse().map_err(|_| mismatch())?),
             ColumnType::Float => Value::Float(parse_float(value).ok_or_else(mismatch)?),
-            ColumnType::Boolean => Value::Boolean(
-                match value {
-                    "1" => Some(true),
-                    "0" => Some(false),
-                    v => parse_bool(v),
-                }
-                .ok_or_else(mismatch)?,
-            ),
-            ColumnType::Date | ColumnType::Timestamp | ColumnType::TimestampTz => {
-                if !self.accepts(value) {
-                    return Err(mismatch());
-                }
-                Value::Text(value)
-            }
+            ColumnType::Boolean => Value::Boolean(parse_bool(value).ok_or_else(mismatch)?),
             ColumnType::Json => {
                 if serde_json::from_str::<serde::de::IgnoredAny>(value).is_err() {
                     return Err(mismatch());
@@ -92,6 +118,8 @@ impl ColumnType {
                 Value::Text(value)
             }
             ColumnType::Text => Value::Text(value),
+            _ if self.accepts(value) => Value::Text(value),
+            _ => return Err(mismatch()),
         })
     }
 
@@ -99,15 +127,44 @@ impl ColumnType {
     pub fn describe(self) -> &'static str {
         match self {
             ColumnType::Integer => "integer",
+            ColumnType::Numeric => "decimal",
             ColumnType::Float => "number",
             ColumnType::Boolean => "boolean (true/false)",
             ColumnType::Date => "date (YYYY-MM-DD)",
-            ColumnType::Timestamp => "timestamp (YYYY-MM-DD HH:MM:SS)",
-            ColumnType::TimestampTz => "timestamp with offset (RFC 3339)",
+            ColumnType::Timestamp => "timestamp (YYYY-MM-DD HH:MM:SS[.ffffff])",
+            ColumnType::TimestampTz => "timestamp with offset (RFC 3339, at most 6 fractional digits)",
             ColumnType::Text => "text",
             ColumnType::Json => "JSON value",
         }
     }
+}
+
+/// `-?(0|[1-9][0-9]*)` within i64, and not `-0`.
+pub fn is_canonical_integer(value: &str) -> bool {
+    let digits = value.strip_prefix('-').unwrap_or(value);
+    canonical_digits(digits) && value != "-0" && value.parse::<i64>().is_ok()
+}
+
+/// `-?(0|[1-9][0-9]*)(\.[0-9]+)?`, at most 1000 digits, and not a negative zero (which the
+/// databases print without its sign).
+pub fn is_canonical_decimal(value: &str) -> bool {
+    let unsigned = value.strip_prefix('-').unwrap_or(value);
+    let (int, frac) = match unsigned.split_once('.') {
+        Some((i, f)) => (i, Some(f)),
+        None => (unsigned, None),
+    };
+    let frac_ok = frac.is_none_or(|f| !f.is_empty() && f.bytes().all(|b| b.is_ascii_digit()));
+    let negative_zero = value.starts_with('-') && unsigned.bytes().all(|b| b == b'0' || b == b'.');
+    canonical_digits(int) && frac_ok && !negative_zero && unsigned.len() <= 1000
+}
+
+fn canonical_digits(d: &str) -> bool {
+    !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()) && (d == "0" || !d.starts_with('0'))
+}
+
+/// The number of digits after the decimal point of a canonical decimal.
+pub fn decimal_scale(value: &str) -> usize {
+    value.split_once('.').map_or(0, |(_, f)| f.len())
 }
 
 pub fn parse_float(value: &str) -> Option<f64> {
@@ -128,22 +185,87 @@ pub fn parse_bool(value: &str) -> Option<bool> {
     }
 }
 
-pub fn parse_naive_timestamp(value: &str) -> Option<NaiveDateTime> {
-    ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f"]
-        .iter()
-        .find_map(|f| NaiveDateTime::parse_from_str(value, f).ok())
+/// Exactly `YYYY-MM-DD`, a real date, year 0001 to 9999.
+pub fn parse_iso_date(value: &str) -> Option<NaiveDate> {
+    let b = value.as_bytes();
+    let shape = b.len() == 10
+        && b[4] == b'-'
+        && b[7] == b'-'
+        && b.iter()
+            .enumerate()
+            .all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit());
+    if !shape || &value[..4] == "0000" {
+        return None;
+    }
+    NaiveDate::parse_from_str(value, "%Y-%m-%d").ok()
 }
 
-/// Infers one type per column from sample rows: the first type of [`ColumnType`]'s order that
-/// accepts every non-NULL value; a column with no value at all is text.
+/// `YYYY-MM-DD[T ]HH:MM:SS[.f{1,6}]`, the rest of the text after the seconds returned.
+fn split_timestamp(value: &str) -> Option<(NaiveDateTime, &str)> {
+    let b = value.as_bytes();
+    if b.len() < 19 || !(b[10] == b'T' || b[10] == b' ') {
+        return None;
+    }
+    let date = parse_iso_date(value.get(..10)?)?;
+    let time = value.get(11..19)?;
+    let t = time.as_bytes();
+    if !(t[2] == b':'
+        && t[5] == b':'
+        && t.iter()
+            .enumerate()
+            .all(|(i, c)| i == 2 || i == 5 || c.is_ascii_digit()))
+    {
+        return None;
+    }
+    let mut rest = &value[19..];
+    let mut micros = 0u32;
+    if let Some(frac) = rest.strip_prefix('.') {
+        let n = frac.bytes().take_while(u8::is_ascii_digit).count();
+        if n == 0 || n > 6 {
+            return None;
+        }
+        micros = frac[..n].parse::<u32>().ok()? * 10u32.pow(6 - n as u32);
+        rest = &frac[n..];
+    }
+    let hms = chrono::NaiveTime::parse_from_str(time, "%H:%M:%S").ok()?;
+    let time = hms.with_nanosecond(micros * 1000)?;
+    Some((date.and_time(time), rest))
+}
+
+pub fn parse_naive_timestamp(value: &str) -> Option<NaiveDateTime> {
+    split_timestamp(value)
+        .filter(|(_, rest)| rest.is_empty())
+        .map(|(t, _)| t)
+}
+
+/// An ISO 8601 timestamp with `Z` or a `±HH:MM` offset; its UTC instant within years 0001-9999.
+pub fn parse_timestamptz(value: &str) -> Option<DateTime<chrono::FixedOffset>> {
+    let (_, offset) = split_timestamp(value)?;
+    let o = offset.as_bytes();
+    let offset_ok = offset == "Z"
+        || (o.len() == 6
+            && (o[0] == b'+' || o[0] == b'-')
+            && o[3] == b':'
+            && [1, 2, 4, 5].iter().all(|&i| o[i].is_ascii_digit()));
+    if !offset_ok {
+        return None;
+    }
+    let parsed = DateTime::parse_from_rfc3339(&value.replacen(' ', "T", 1)).ok()?;
+    let year = parsed.naive_utc().year();
+    (1..=9999).contains(&year).then_some(parsed)
+}
+
+/// Infers one type per column from sample rows: the first type of [`ORDER`] that accepts every
+/// non-NULL value; a column with no value at all is text.
 pub struct TypeInference {
     candidates: Vec<Vec<ColumnType>>,
     seen: Vec<bool>,
 }
 
+/// What inference may choose, narrowest first. Never binary floating point.
 const ORDER: [ColumnType; 6] = [
     ColumnType::Integer,
-    ColumnType::Float,
+    ColumnType::Numeric,
     ColumnType::Boolean,
     ColumnType::Date,
     ColumnType::Timestamp,
@@ -162,7 +284,10 @@ impl TypeInference {
     pub fn observe(&mut self, column: usize, value: Option<&str>) {
         if let Some(v) = value {
             self.seen[column] = true;
-            self.candidates[column].retain(|t| t.accepts(v));
+            // A boolean is inferred only from its lowercase spelling, the one the databases
+            // print back; a column of `TRUE` stays text (a declared boolean takes any case).
+            let lowercase = v == "true" || v == "false";
+            self.candidates[column].retain(|t| t.accepts(v) && (*t != ColumnType::Boolean || lowercase));
         }
     }
 
@@ -206,42 +331,104 @@ mod tests {
         }
     }
 
+    fn infer(values: &[&str]) -> ColumnType {
+        let mut inf = TypeInference::new(1);
+        for v in values {
+            inf.observe(0, Some(v));
+        }
+        inf.finish()[0]
+    }
+
     #[test]
     fn inference_picks_the_narrowest_type_that_fits_every_value() {
-        let rows: &[&[Option<&str>]] = &[
-            &[
-                Some("1"),
-                Some("1.5"),
-                Some("true"),
-                Some("2026-11-01"),
-                Some("2026-11-01 10:00:00"),
-                Some("2026-11-01T10:00:00Z"),
-                Some("x"),
-                None,
-            ],
-            &[
-                Some("-7"),
-                Some("2"),
-                Some("FALSE"),
-                Some("2026-01-31"),
-                Some("2026-11-01T10:00:00.5"),
-                Some("2026-11-01T10:00:00+02:00"),
-                Some("1"),
-                None,
-            ],
-            &[None, Some("1e3"), None, None, None, None, Some("y"), None],
-        ];
-        let mut inf = TypeInference::new(8);
-        for row in rows {
-            for (i, v) in row.iter().enumerate() {
-                inf.observe(i, *v);
-            }
-        }
         use ColumnType::*;
-        assert_eq!(
-            inf.finish(),
-            [Integer, Float, Boolean, Date, Timestamp, TimestampTz, Text, Text]
-        );
+        let cases: &[(&[&str], ColumnType)] = &[
+            (&["1", "-7", "0"], Integer),
+            (&["1.5", "2", "129.90", "2400.00"], Numeric),
+            (&["12345678901234567890"], Numeric),
+            (&["true", "false"], Boolean),
+            (&["2026-11-01", "2026-01-31"], Date),
+            (
+                &[
+                    "2026-11-01 10:00:00",
+                    "2026-11-01T10:00:00.5",
+                    "2026-11-01T10:00:00.123456",
+                ],
+                Timestamp,
+            ),
+            (&["2026-11-01T10:00:00Z", "2026-11-01T10:00:00+02:00"], TimestampTz),
+            (&["x", "1"], Text),
+        ];
+        for (values, want) in cases {
+            assert_eq!(infer(values), *want, "{values:?}");
+        }
+        let mut inf = TypeInference::new(2);
+        inf.observe(0, None);
+        inf.observe(1, Some("1"));
+        assert_eq!(inf.finish(), [Text, Integer], "a column of NULLs is text");
+    }
+
+    #[test]
+    fn inference_never_chooses_a_type_that_would_change_a_value() {
+        use ColumnType::*;
+        for text in [
+            &["08123", "12345"][..],
+            &["007"],
+            &["0000001"],
+            &["01779784"],
+            &["+5"],
+            &["-0"],
+            &["-0.0"],
+            &["1E2"],
+            &[".5"],
+            &["00.5"],
+            &["1."],
+            &["1-02-03"],
+            &["5-6-7"],
+            &["15-06-05"],
+            &["2026-1-01"],
+            &["0000-01-01"],
+            &["2026-02-30"],
+            &["9999-12-31T23:59:59.9999999Z"],
+            &["2026-11-01T10:00:00.1234567"],
+            &["2026-11-01T10:00"],
+            &["2026-11-01T10:00:00+0200"],
+            &["9999-12-31T23:00:00-02:00"],
+            &["TRUE", "false"],
+            &["True"],
+            &["NaN"],
+            &["inf"],
+        ] {
+            assert_eq!(infer(text), Text, "{text:?}");
+        }
+        assert_eq!(infer(&["99999999999999999999"]), Numeric);
+        assert_eq!(infer(&["-9223372036854775808"]), Integer);
+        assert_eq!(infer(&["9223372036854775808"]), Numeric);
+    }
+
+    #[test]
+    fn widening_goes_from_integer_to_decimal_to_text() {
+        use ColumnType::*;
+        assert_eq!(Integer.widened(Some("1.5")), Some(Numeric));
+        assert_eq!(Integer.widened(Some("007")), Some(Text));
+        assert_eq!(Numeric.widened(Some("x")), Some(Text));
+        assert_eq!(Date.widened(Some("2026-13-01")), Some(Text));
+        assert_eq!(Text.widened(Some("x")), None);
+    }
+
+    #[test]
+    fn typed_values_convert_only_when_nothing_is_lost() {
+        use ColumnType::*;
+        assert_eq!(Integer.convert(Some("42")), Ok(Value::Integer(42)));
+        assert!(Integer.convert(Some("007")).is_err());
+        assert_eq!(Numeric.convert(Some("129.90")), Ok(Value::Text("129.90")));
+        assert!(Numeric.convert(Some("1e3")).is_err());
+        assert_eq!(Boolean.convert(Some("TRUE")), Ok(Value::Boolean(true)));
+        assert!(Date.convert(Some("1-02-03")).is_err());
+        assert_eq!(Text.convert(None), Ok(Value::Null));
+        assert_eq!(ColumnType::from_declared("numeric(12,2)"), Some(Numeric));
+        assert_eq!(ColumnType::from_declared("TEXT"), Some(Text));
+        assert_eq!(ColumnType::from_declared("money"), None);
     }
 
     #[test]

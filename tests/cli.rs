@@ -138,11 +138,27 @@ fn validate_says_what_would_load_or_why_not_without_a_database() {
     assert!(status.success(), "{stdout}{stderr}");
     assert!(stdout.contains("target:   table \"orders\""), "{stdout}");
     assert!(
-        stdout.contains("id integer, customer text, amount number, paid boolean"),
+        stdout.contains("id integer, customer text, amount decimal, paid boolean"),
         "{stdout}"
     );
     assert!(stdout.contains("would load 12 row(s)"), "{stdout}");
+    // A value past the sample that does not fit an inferred type widens that new column: the
+    // load would create `id` as text and load every row.
     let (status, stdout, _) = run(d, &["validate", "bad.csv", "--key", "prices/bad.csv"], &env);
+    assert!(status.success(), "{stdout}");
+    assert!(
+        stdout.contains("columns:  id text, amount integer") && stdout.contains("would load 1101 row(s)"),
+        "{stdout}"
+    );
+    // A declared type is kept: the same file then fails, with the value's line and column.
+    std::fs::write(
+        d.join("typed.toml"),
+        "[[routes]]\nprefix = \"prices/\"\n[routes.column_types]\nid = \"integer\"\n",
+    )
+    .unwrap();
+    let mut typed_env = env.clone();
+    typed_env.extend(kv(&[("LOADER_CONFIG", "typed.toml")]));
+    let (status, stdout, _) = run(d, &["validate", "bad.csv", "--key", "prices/bad.csv"], &typed_env);
     assert_eq!(status.code(), Some(1), "{stdout}");
     assert!(
         stdout.contains("would FAIL (type): \"x\" is not a valid integer (line 1102) (column id)")

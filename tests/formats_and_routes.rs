@@ -97,7 +97,7 @@ async fn formats_and_routes_work_against(db: AnyDb, dir: &Path) {
     // Upsert: the last row for a key wins within a file.
     assert_eq!(db.scalar("SELECT count(*) FROM prices").await, 2);
     assert_eq!(
-        db.scalar("SELECT count(*) FROM prices WHERE sku = 'A' AND price = 1.75")
+        db.scalar("SELECT count(*) FROM prices WHERE sku = 'A' AND price = '1.75'")
             .await,
         1
     );
@@ -133,7 +133,7 @@ async fn formats_and_routes_work_against(db: AnyDb, dir: &Path) {
     );
     assert_eq!(db.text("SELECT currency FROM prices WHERE sku = 'A'").await, None);
     assert_eq!(
-        db.scalar("SELECT count(*) FROM prices WHERE sku = 'B' AND price = 3")
+        db.scalar("SELECT count(*) FROM prices WHERE sku = 'B' AND price = '3.0'")
             .await,
         1
     );

@@ -97,7 +97,7 @@ async fn files_in_nested_prefixes_load_into_postgres_and_move_to_processed() {
         [
             ("id", "bigint"),
             ("customer", "text"),
-            ("amount", "double precision"),
+            ("amount", "numeric"),
             ("paid", "boolean"),
             ("created_on", "date")
         ]

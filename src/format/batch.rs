@@ -6,7 +6,8 @@ use crate::error::{FileError, FileErrorKind};
 /// flag, distinct from the empty string.
 #[derive(Debug, Default)]
 pub struct Batch {
-    text: Vec<u8>,
+    /// Every field's text, each checked to be UTF-8 on its own when it was pushed.
+    text: String,
     /// End offset in `text` of every field, row after row.
     ends: Vec<usize>,
     nulls: Vec<bool>,
@@ -34,6 +35,11 @@ impl Batch {
         self.lines.is_empty()
     }
 
+    /// Fields per row.
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
     /// Bytes of field text held.
     pub fn text_len(&self) -> usize {
         self.text.len()
@@ -46,10 +52,7 @@ impl Batch {
             return None;
         }
         let start = if i == 0 { 0 } else { self.ends[i - 1] };
-        let bytes = &self.text[start..self.ends[i]];
-        // SAFETY: every row is checked to be UTF-8 as a whole before it is kept (see
-        // `finish_row`), and fields are split at ASCII delimiters, so each field is UTF-8 too.
-        Some(unsafe { std::str::from_utf8_unchecked(bytes) })
+        Some(&self.text[start..self.ends[i]])
     }
 
     /// The row's fields in order.
@@ -84,25 +87,42 @@ impl Batch {
     pub fn from_rows(width: usize, rows: &[&[Option<&str>]]) -> Batch {
         let mut batch = Batch::new(width, 1);
         for (i, row) in rows.iter().enumerate() {
-            batch.push_row(i as u64 + 2, row.iter().map(|f| f.map(str::as_bytes)));
+            let pushed = batch.push_row(i as u64 + 2, row.iter().map(|f| f.map(str::as_bytes)));
+            debug_assert!(pushed.is_ok(), "&str is UTF-8");
         }
         batch
     }
 
-    /// Appends a row (decoders only): `fields` must yield `width` items, `None` for NULL, all
-    /// checked to be UTF-8 by the caller.
-    pub(super) fn push_row<'a>(&mut self, line: u64, fields: impl Iterator<Item = Option<&'a [u8]>>) {
-        self.lines.push(line);
-        for field in fields {
+    /// Appends a row (decoders only): `fields` must yield `width` items, `None` for NULL.
+    /// Each field is checked to be UTF-8 on its own (bytes that are valid only when joined
+    /// with their neighbour are not); on the first that is not, nothing of the row is kept
+    /// and its index is returned.
+    pub(super) fn push_row<'a>(
+        &mut self,
+        line: u64,
+        fields: impl Iterator<Item = Option<&'a [u8]>>,
+    ) -> Result<(), usize> {
+        let (text_len, fields_len) = (self.text.len(), self.ends.len());
+        for (i, field) in fields.enumerate() {
             match field {
-                Some(bytes) => {
-                    self.text.extend_from_slice(bytes);
-                    self.nulls.push(false);
-                }
+                Some(bytes) => match std::str::from_utf8(bytes) {
+                    Ok(text) => {
+                        self.text.push_str(text);
+                        self.nulls.push(false);
+                    }
+                    Err(_) => {
+                        self.text.truncate(text_len);
+                        self.ends.truncate(fields_len);
+                        self.nulls.truncate(fields_len);
+                        return Err(i);
+                    }
+                },
                 None => self.nulls.push(true),
             }
             self.ends.push(self.text.len());
         }
+        self.lines.push(line);
         debug_assert_eq!(self.ends.len(), self.lines.len() * self.width);
+        Ok(())
     }
 }

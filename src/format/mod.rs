@@ -19,6 +19,7 @@ use tokio_util::io::SyncIoBridge;
 
 pub use self::batch::Batch;
 use crate::error::{FileError, FileErrorKind, LoadError, Stage};
+use crate::schema::ColumnType;
 
 /// A batch is handed over once it holds this many rows ...
 const BATCH_ROWS: usize = 4096;
@@ -110,6 +111,22 @@ pub struct FormatOptions {
     pub columns: Vec<String>,
 }
 
+impl FormatOptions {
+    /// Decides the format once, from the key's extension when not set, and gives TSV its tab
+    /// delimiter: every reader of the file (parser, passthrough, COPY's options) then uses the
+    /// same settings.
+    pub fn resolved(mut self, key: &str) -> FormatOptions {
+        if self.format.is_none() {
+            let format = Format::from_key(key);
+            if format == Format::Tsv {
+                self.delimiter = b'\t';
+            }
+            self.format = Some(format);
+        }
+        self
+    }
+}
+
 impl Default for FormatOptions {
     fn default() -> Self {
         Self {
@@ -162,8 +179,9 @@ impl From<DecodeFailure> for LoadError {
 pub struct Decoded {
     /// Column names as the file gives them; empty for a 0-byte file.
     pub header: Vec<String>,
-    /// Per column: holds nested JSON (JSON lines only).
-    pub nested: Vec<bool>,
+    /// Per column: a type the format itself fixes (JSON lines: `Json` for a column holding
+    /// objects or arrays, `Text` for one holding strings), else `None`: inferred.
+    pub types: Vec<Option<ColumnType>>,
     batches: mpsc::Receiver<Result<Batch, DecodeFailure>>,
 }
 
@@ -178,7 +196,7 @@ impl Decoded {
     }
 }
 
-type HeaderTx = tokio::sync::oneshot::Sender<Result<(Vec<String>, Vec<bool>), DecodeFailure>>;
+type HeaderTx = tokio::sync::oneshot::Sender<Result<(Vec<String>, Vec<Option<ColumnType>>), DecodeFailure>>;
 type BatchTx = mpsc::Sender<Result<Batch, DecodeFailure>>;
 
 /// How the sink wants the file.
@@ -212,11 +230,23 @@ pub struct RawDecoded {
     pub has_header: bool,
     pub sample: Option<Batch>,
     chunks: mpsc::Receiver<Result<RawChunk, DecodeFailure>>,
+    types: Option<tokio::sync::oneshot::Sender<Vec<Option<ColumnType>>>>,
 }
 
 impl RawDecoded {
+    /// The type of each of the file's columns in the table (`None`: text, nothing to check).
+    /// Must be given before [`RawDecoded::next`]: every record is checked against it with the
+    /// parser's rules while its bytes pass through.
+    pub fn check_types(&mut self, types: Vec<Option<ColumnType>>) {
+        if let Some(tx) = self.types.take() {
+            let _ = tx.send(types);
+        }
+    }
+
     /// The next piece; `Err(DecodeFailure::Unsuitable)` means: load it through the parser.
     pub async fn next(&mut self) -> Result<RawChunk, DecodeFailure> {
+        debug_assert!(self.types.is_none(), "check_types comes first");
+        self.types.take(); // never given: the reader stops instead of waiting for it
         match self.chunks.recv().await {
             Some(result) => result,
             None => Err(DecodeFailure::Source(io::Error::other(
@@ -241,20 +271,19 @@ pub async fn open(
     reader: Box<dyn AsyncRead + Send + Unpin>,
     key: &str,
     content_encoding: Option<&str>,
-    mut options: FormatOptions,
+    options: FormatOptions,
     mode: Mode,
 ) -> Result<Stream, DecodeFailure> {
+    let options = options.resolved(key);
     let (header_tx, header_rx) = tokio::sync::oneshot::channel();
     let (tx, rx) = mpsc::channel(CHANNEL_BATCHES);
     let (raw_tx, raw_rx) = mpsc::channel(CHANNEL_BATCHES);
     let (prefix_tx, prefix_rx) = tokio::sync::oneshot::channel();
+    let (types_tx, types_rx) = tokio::sync::oneshot::channel();
     let declared = content_encoding
         .and_then(Compression::from_content_encoding)
         .or_else(|| Compression::from_key(key));
-    let format = options.format.unwrap_or_else(|| Format::from_key(key));
-    if format == Format::Tsv && options.format.is_none() {
-        options.delimiter = b'\t';
-    }
+    let format = options.format.unwrap_or(Format::Csv);
     let source = SourceRead {
         inner: SyncIoBridge::new(reader),
         failed: Arc::new(AtomicBool::new(false)),
@@ -282,16 +311,16 @@ pub async fn open(
             }
         };
         match (mode, format) {
-            (Mode::Raw, _) => pass_raw(decompressed, &raw_options, prefix_tx, raw_tx, &classify),
+            (Mode::Raw, _) => pass_raw(decompressed, &raw_options, prefix_tx, types_rx, raw_tx, &classify),
             (Mode::Rows, Format::Jsonl) => decode_jsonl(decompressed, header_tx, tx, &classify),
             (Mode::Rows, _) => decode_csv(decompressed, &options, header_tx, tx, &classify),
         }
     });
     match mode {
         Mode::Rows => match header_rx.await {
-            Ok(Ok((header, nested))) => Ok(Stream::Rows(Decoded {
+            Ok(Ok((header, types))) => Ok(Stream::Rows(Decoded {
                 header,
-                nested,
+                types,
                 batches: rx,
             })),
             Ok(Err(e)) => Err(e),
@@ -305,6 +334,7 @@ pub async fn open(
                 has_header,
                 sample: prefix.sample,
                 chunks: raw_rx,
+                types: Some(types_tx),
             })),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(DecodeFailure::Source(io::Error::other(
@@ -350,6 +380,7 @@ fn pass_raw(
     mut input: Box<dyn BufRead>,
     options: &FormatOptions,
     prefix_tx: PrefixTx,
+    types_rx: tokio::sync::oneshot::Receiver<Vec<Option<ColumnType>>>,
     tx: RawTx,
     classify: &dyn Fn(io::Error, &str) -> DecodeFailure,
 ) {
@@ -364,45 +395,85 @@ fn pass_raw(
         prefix.drain(..3);
     }
     let complete = prefix.len() < raw::PREFIX_BYTES;
+    if complete && prefix.is_empty() {
+        let _ = prefix_tx.send(Ok(raw::Prefix {
+            header: Vec::new(),
+            sample: None,
+        }));
+        return; // an empty file
+    }
     let parsed = match raw::parse_prefix(&prefix, complete, options, crate::schema::INFERENCE_SAMPLE_ROWS) {
-        Ok(Some(p)) => p,
-        Ok(None) if complete && prefix.iter().all(|b| b.is_ascii_whitespace()) => {
-            raw::Prefix {
-                header: Vec::new(),
-                sample: None,
-            } // an empty file
-        }
+        // No row in a prefix that is not the whole file: the first record is longer than the
+        // prefix, and "no sample" would read as "header only".
+        Ok(Some(p)) if complete || p.sample.is_some() => p,
         // No whole header in the first megabyte, or a problem: the parser will say what.
-        Ok(None) | Err(_) => {
-            let _ = prefix_tx.send(Err(DecodeFailure::Unsuitable("the header could not be read up front")));
+        _ => {
+            let _ = prefix_tx.send(Err(DecodeFailure::Unsuitable(
+                "the header and first rows could not be read up front",
+            )));
             return;
         }
     };
-    let empty = parsed.header.is_empty();
-    if prefix_tx.send(Ok(parsed)).is_err() || empty {
+    let width = parsed.header.len();
+    if prefix_tx.send(Ok(parsed)).is_err() || width == 0 {
         return;
     }
+    // The sink plans the load (and may decide not to send anything) before rows are checked.
+    let Ok(types) = types_rx.blocking_recv() else { return };
+    let unsuitable = |why| {
+        let _ = tx.blocking_send(Err(DecodeFailure::Unsuitable(why)));
+    };
+    // One reading: the loader's CSV reader reads every record, checked as the parser checks
+    // it, and COPY gets exactly the bytes that reader consumed. The scanner watches the same
+    // bytes for anything COPY would read otherwise; a final count compares the two.
+    let consumed = std::rc::Rc::new(std::cell::RefCell::new(Vec::with_capacity(2 * raw::CHUNK_BYTES)));
+    let tee = raw::Tee::new(io::Cursor::new(prefix).chain(input), consumed.clone());
+    let mut reader = csv::CsvReader::new(tee, options.delimiter, options.quote);
+    let mut record = csv::Record::default();
     let mut scanner = raw::Scanner::new(options.quote, options.delimiter);
-    let mut chunk = prefix;
+    let null = options.null.as_bytes();
+    let mut records = 0u64;
+    let flush = |scanner: &mut raw::Scanner, all: bool| -> Result<bool, &'static str> {
+        let mut out = consumed.borrow_mut();
+        if out.is_empty() || (!all && out.len() < raw::CHUNK_BYTES) {
+            return Ok(true);
+        }
+        let chunk = std::mem::replace(&mut *out, Vec::with_capacity(2 * raw::CHUNK_BYTES));
+        scanner.feed(&chunk)?;
+        Ok(tx.blocking_send(Ok(RawChunk::Bytes(chunk))).is_ok())
+    };
     loop {
-        if let Err(why) = scanner.feed(&chunk) {
-            let _ = tx.blocking_send(Err(DecodeFailure::Unsuitable(why)));
-            return;
-        }
-        if tx.blocking_send(Ok(RawChunk::Bytes(chunk))).is_err() {
-            return; // the load was abandoned
-        }
-        chunk = match raw::read_prefix(&mut *input, raw::CHUNK_BYTES) {
-            Ok(c) if c.is_empty() => break,
-            Ok(c) => c,
-            Err(e) => {
+        match reader.read(&mut record) {
+            Ok(true) => {
+                records += 1;
+                let is_header = records == 1 && options.header;
+                if !is_header && let Err(why) = raw::check_record(&record, &types, null) {
+                    return unsuitable(why);
+                }
+            }
+            Ok(false) => break,
+            Err(Ok(e)) => {
                 let _ = tx.blocking_send(Err(classify(e, "decompressing or reading the file")));
                 return;
             }
-        };
+            Err(Err(_)) => return unsuitable("malformed CSV"),
+        }
+        match flush(&mut scanner, false) {
+            Ok(true) => {}
+            Ok(false) => return, // the load was abandoned
+            Err(why) => return unsuitable(why),
+        }
+    }
+    match flush(&mut scanner, true) {
+        Ok(true) => {}
+        Ok(false) => return,
+        Err(why) => return unsuitable(why),
     }
     let _ = tx.blocking_send(match scanner.finish() {
-        Ok(records) => Ok(RawChunk::End { records }),
+        Ok(scanned) if scanned == records => Ok(RawChunk::End { records }),
+        Ok(_) => Err(DecodeFailure::Unsuitable(
+            "the scanner and the reader count records differently",
+        )),
         Err(why) => Err(DecodeFailure::Unsuitable(why)),
     });
 }
@@ -450,7 +521,7 @@ fn decode_csv(
         options.columns.clone()
     };
     let width = header.len();
-    if header_tx.send(Ok((header, vec![false; width]))).is_err() || width == 0 {
+    if header_tx.send(Ok((header, vec![None; width]))).is_err() || width == 0 {
         return;
     }
     let null = options.null.as_bytes();
@@ -461,26 +532,22 @@ fn decode_csv(
             Ok(true) => {
                 let problem = if record.len() != width {
                     Some(format!("row has {} fields but the header has {width}", record.len()))
-                } else if record.bytes().contains(&0) {
-                    let field = (0..width).position(|i| record.field(i).contains(&0)).unwrap_or(0);
+                } else if let Some(field) = (0..width).find(|&i| record.field(i).contains(&0)) {
                     Some(format!("NUL byte in field {}", field + 1))
-                } else if std::str::from_utf8(record.bytes()).is_err() {
-                    let field = (0..width)
-                        .position(|i| std::str::from_utf8(record.field(i)).is_err())
-                        .unwrap_or(0);
-                    Some(format!("invalid UTF-8 in field {}", field + 1))
                 } else {
-                    None
+                    let fields = (0..width).map(|i| {
+                        let f = record.field(i);
+                        (record.quoted(i) || f != null).then_some(f)
+                    });
+                    batch
+                        .push_row(record.line, fields)
+                        .err()
+                        .map(|field| format!("invalid UTF-8 in field {}", field + 1))
                 };
                 if let Some(message) = problem {
                     let _ = tx.blocking_send(Err(decode_error(message, record.line, Some(number))));
                     return;
                 }
-                let fields = (0..width).map(|i| {
-                    let f = record.field(i);
-                    (record.quoted(i) || f != null).then_some(f)
-                });
-                batch.push_row(record.line, fields);
                 number += 1;
                 let full = batch.len() >= BATCH_ROWS || batch.text_len() >= BATCH_BYTES;
                 if full
@@ -525,11 +592,12 @@ fn decode_jsonl(
             }
         }
     }
-    let (columns, nested) = jsonl::columns_of(&sample);
+    let (columns, types) = jsonl::columns_of(&sample);
     let width = columns.len();
-    if header_tx.send(Ok((columns.clone(), nested))).is_err() || width == 0 {
+    if header_tx.send(Ok((columns.clone(), types.clone()))).is_err() || width == 0 {
         return;
     }
+    let index = jsonl::column_index(&columns);
     let mut scratch = Vec::new();
     let mut number = 1u64;
     let mut batch = Batch::new(width, number);
@@ -546,7 +614,16 @@ fn decode_jsonl(
             },
         };
         let Some((line, object)) = next else { break };
-        if let Err(e) = jsonl::push_object(&mut batch, &columns, line, number, &object, &mut scratch) {
+        if let Err(e) = jsonl::push_object(
+            &mut batch,
+            &columns,
+            &index,
+            &types,
+            line,
+            number,
+            &object,
+            &mut scratch,
+        ) {
             let _ = tx.blocking_send(Err(jsonl_failure(e)));
             return;
         }
@@ -707,7 +784,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(d.header, ["id", "name", "tags", "ok"]);
-        assert_eq!(d.nested, [false, false, true, false]);
+        assert_eq!(d.types, [None, Some(ColumnType::Text), Some(ColumnType::Json), None]);
         let b = d.next_batch().await.unwrap().unwrap();
         assert_eq!(b.line(1), 3);
         assert_eq!(
@@ -717,6 +794,55 @@ mod tests {
                 row(&[Some("2.5"), None, None, Some("true")])
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn json_values_arrive_as_written_never_through_a_float() {
+        let jsonl = concat!(
+            "{\"zip\": \"08123\", \"n\": 18446744073709551615, \"x\": 1.10, \"e\": 1E2, \"j\": {\"a\": 9007199254740993}}\n",
+            "{\"zip\": \"007\", \"n\": 12345678901234567890123456789012.34, \"x\": 2, \"e\": -0.0, \"j\": \"{\\\"a\\\": 2}\"}\n",
+            "{\"zip\": null, \"j\": \"5\"}\n",
+        );
+        let (header, rows) = decode(jsonl.as_bytes().to_vec(), "e.jsonl").await.unwrap();
+        assert_eq!(header, ["zip", "n", "x", "e", "j"]);
+        assert_eq!(
+            rows,
+            [
+                row(&[
+                    Some("08123"),
+                    Some("18446744073709551615"),
+                    Some("1.10"),
+                    Some("1E2"),
+                    Some("{\"a\": 9007199254740993}")
+                ]),
+                row(&[
+                    Some("007"),
+                    Some("12345678901234567890123456789012.34"),
+                    Some("2"),
+                    Some("-0.0"),
+                    Some("\"{\\\"a\\\": 2}\"")
+                ]),
+                row(&[None, None, None, None, Some("\"5\"")]),
+            ]
+        );
+        let reader: Box<dyn AsyncRead + Send + Unpin> = Box::new(std::io::Cursor::new(jsonl.as_bytes().to_vec()));
+        let d = super::decode(reader, "e.jsonl", None, FormatOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(
+            d.types,
+            [Some(ColumnType::Text), None, None, None, Some(ColumnType::Json)]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_json_line_of_only_a_byte_order_mark_or_a_repeated_key_fails() {
+        for bad in [&b"{\"a\":1}\n\xef\xbb\xbf\n{\"a\":2}\n"[..], b"{\"a\":1,\"a\":2}\n"] {
+            let err = decode(bad.to_vec(), "e.jsonl").await.unwrap_err();
+            assert!(matches!(err, DecodeFailure::Format(_)), "{err:?}");
+        }
+        let (_, rows) = decode(b"\xef\xbb\xbf{\"a\":1}\n".to_vec(), "e.jsonl").await.unwrap();
+        assert_eq!(rows, [row(&[Some("1")])], "a byte order mark at the start is fine");
     }
 
     #[tokio::test]
@@ -759,6 +885,12 @@ mod tests {
             matches!(err, DecodeFailure::Format(ref e) if e.line == Some(2)),
             "{err:?}"
         );
+        // Each field on its own: `\xc3` and `\xa9` are one character only when joined.
+        let err = decode(b"a,b\n\xc3,\xa9\n".to_vec(), "x.csv").await.unwrap_err();
+        let DecodeFailure::Format(e) = err else {
+            panic!("{err:?}")
+        };
+        assert_eq!((e.line, e.message.as_str()), (Some(2), "invalid UTF-8 in field 1"));
         let err = decode(b"a,b\n1,2\n3,x\x00y\n".to_vec(), "x.csv").await.unwrap_err();
         let DecodeFailure::Format(e) = err else {
             panic!("{err:?}")

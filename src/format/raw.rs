@@ -10,6 +10,7 @@ use std::io::{BufRead, Read};
 
 use super::batch::Batch;
 use super::csv::{CsvReader, Record};
+use crate::schema::ColumnType;
 
 /// How much of the file is read up front for the header and the sample.
 pub const PREFIX_BYTES: usize = 1 << 20;
@@ -24,7 +25,9 @@ pub struct Prefix {
 
 /// Parses the header (or takes `columns`) and up to `rows` rows from `prefix`; `complete` says
 /// whether `prefix` is the whole file (otherwise its last record may be cut and is dropped).
-/// `Err` only for a real problem in a complete prefix or an unreadable header.
+/// `Ok(None)`: no whole header in the prefix. `Err`: a record of the sample that is certainly
+/// whole is bad (its width, a NUL byte, invalid UTF-8, malformed quoting): the parser must
+/// read the file and report it, never a sample that silently stops short of it.
 pub fn parse_prefix(
     prefix: &[u8],
     complete: bool,
@@ -54,29 +57,113 @@ pub fn parse_prefix(
     // of the prefix (unless the prefix is the whole file or ends with a line end).
     let ends_cleanly = complete || prefix.ends_with(b"\n") || prefix.ends_with(b"\r");
     let mut pending: Option<(u64, Vec<Option<Vec<u8>>>)> = None;
+    let keep = |batch: &mut Batch, (line, fields): (u64, Vec<Option<Vec<u8>>>)| -> Result<(), String> {
+        if fields.len() != width {
+            return Err(format!("line {line}: a row of {} fields", fields.len()));
+        }
+        if fields.iter().flatten().any(|f| f.contains(&0)) {
+            return Err(format!("line {line}: a NUL byte"));
+        }
+        batch
+            .push_row(line, fields.iter().map(|f| f.as_deref()))
+            .map_err(|i| format!("line {line}: invalid UTF-8 in field {}", i + 1))
+    };
     while batch.len() < rows {
         let next = reader.read(&mut record);
-        let whole = match next {
-            Ok(true) | Err(_) => true,
+        let whole = match &next {
+            Ok(true) => true,
             Ok(false) => ends_cleanly,
+            Err(_) => true, // a record started after it
         };
-        if let Some((line, fields)) = pending.take().filter(|_| whole) {
-            batch.push_row(line, fields.iter().map(|f| f.as_deref()));
+        if let Some(p) = pending.take().filter(|_| whole) {
+            keep(&mut batch, p)?;
         }
-        if !matches!(next, Ok(true)) || batch.len() >= rows {
+        match next {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(_) if !complete => break, // cut inside quotes by the end of the prefix
+            Err(Err(e)) => return Err(e.message),
+            Err(Ok(e)) => return Err(e.to_string()),
+        }
+        if batch.len() >= rows {
             break;
         }
-        if record.len() != width || std::str::from_utf8(record.bytes()).is_err() || record.bytes().contains(&0) {
-            break; // the full parser (or COPY) reports it with its line
-        }
         let fields =
-            (0..width).map(|i| (record.quoted(i) || record.field(i) != null).then(|| record.field(i).to_vec()));
+            (0..record.len()).map(|i| (record.quoted(i) || record.field(i) != null).then(|| record.field(i).to_vec()));
         pending = Some((record.line, fields.collect()));
     }
     Ok(Some(Prefix {
         header,
         sample: (!batch.is_empty()).then_some(batch),
     }))
+}
+
+/// Checks one record of a passthrough with the rules the parser applies: the header's width,
+/// no NUL byte, every field UTF-8 on its own, and every value of a typed column (`types`,
+/// `None` for text) in a form that type keeps exactly. `Err` names the first problem; the
+/// parser then reads the file and reports it with its line.
+pub fn check_record(record: &Record, types: &[Option<ColumnType>], null: &[u8]) -> Result<(), &'static str> {
+    if record.len() != types.len() {
+        return Err("a row of another width than the header");
+    }
+    for (i, ty) in types.iter().enumerate() {
+        let field = record.field(i);
+        if memchr::memchr(0, field).is_some() {
+            return Err("a NUL byte");
+        }
+        let Ok(text) = std::str::from_utf8(field) else {
+            return Err("invalid UTF-8 in a field");
+        };
+        if let Some(ty) = ty
+            && (record.quoted(i) || field != null)
+            && !ty.accepts(text)
+        {
+            return Err("a value that does not fit its column's type");
+        }
+    }
+    Ok(())
+}
+
+/// A reader that keeps a copy of every byte its reader consumes: the passthrough sends exactly
+/// the bytes its own CSV reader has read.
+pub struct Tee<R> {
+    inner: R,
+    out: std::rc::Rc<std::cell::RefCell<Vec<u8>>>,
+}
+
+impl<R: BufRead> Tee<R> {
+    pub fn new(inner: R, out: std::rc::Rc<std::cell::RefCell<Vec<u8>>>) -> Tee<R> {
+        Tee { inner, out }
+    }
+}
+
+impl<R: BufRead> Read for Tee<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = {
+            let available = self.fill_buf()?;
+            let n = available.len().min(buf.len());
+            buf[..n].copy_from_slice(&available[..n]);
+            n
+        };
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+impl<R: BufRead> BufRead for Tee<R> {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        self.inner.fill_buf()
+    }
+
+    fn consume(&mut self, n: usize) {
+        if n > 0 {
+            // The buffer the caller just saw: not empty, so this does no I/O.
+            if let Ok(buffered) = self.inner.fill_buf() {
+                self.out.borrow_mut().extend_from_slice(&buffered[..n]);
+            }
+        }
+        self.inner.consume(n);
+    }
 }
 
 /// Counts records and spots what COPY would read otherwise, chunk by chunk.
@@ -96,7 +183,6 @@ pub struct Scanner {
     after_cr: bool,
     /// Line ends outside quotes.
     pub lines: u64,
-    started: bool,
 }
 
 impl Scanner {
@@ -179,7 +265,8 @@ impl Scanner {
             if *self.crlf.get_or_insert(crlf) != crlf {
                 return Err("mixed line ends");
             }
-            if self.line_len == 0 && self.started {
+            if self.line_len == 0 {
+                // Even the first: COPY's HEADER would skip it and read the header as data.
                 return Err("a blank line");
             }
             if self.line_is_marker && self.line_len == 2 {
@@ -206,7 +293,6 @@ impl Scanner {
             };
             self.line_len = (self.line_len + 1).min(3);
         }
-        self.started = true;
         Ok(())
     }
 
@@ -248,6 +334,8 @@ mod tests {
     #[test]
     fn the_scanner_spots_what_copy_reads_differently() {
         assert_eq!(scan(b"a\n1\n\n2\n"), Err("a blank line"));
+        assert_eq!(scan(b"\na,b\nx,y\n"), Err("a blank line"));
+        assert_eq!(scan(b"\r\na\r\n"), Err("a blank line"));
         assert_eq!(scan(b"a\n\\.\n2\n"), Err("a line holding only \\."));
         assert_eq!(scan(b"a\n\\."), Err("a line holding only \\."));
         assert_eq!(scan(b"a\r1\r"), Err("a bare CR line end"));
@@ -300,5 +388,22 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(p.sample.unwrap().len(), 2);
+        // A bad first row is an error, not an empty sample (which would read as "header only").
+        for bad in [
+            &b"a,b\n1,2,3\n4,5\n"[..],
+            b"a,b,c\n,\n",
+            b"a,b\n\"x,1\n",
+            b"a,b\n1,\xff\n",
+            b"a,b\n1,\x00\n",
+        ] {
+            assert!(
+                parse_prefix(bad, true, &options, 1000).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        // A record cut by the end of the prefix is dropped, not judged.
+        let p = parse_prefix(b"a,b\n1,2\n3", false, &options, 1000).unwrap().unwrap();
+        assert_eq!(p.sample.unwrap().len(), 1);
     }
 }

@@ -303,13 +303,13 @@ pub struct Plan {
     pub types: Vec<ColumnType>,
 }
 
-/// Matches the file's columns (`nested`: which hold nested JSON) against the table
+/// Matches the file's columns (`fixed`: types the format fixes, see `Decoded::types`) against the table
 /// (`existing`: name and type of each column, or `None` when it does not exist) under the
 /// route's rules, inferring types from `sample` for a new table or new columns.
 pub fn plan_load(
     table: &str,
     file: &[String],
-    nested: &[bool],
+    fixed: &[Option<ColumnType>],
     existing: Option<Vec<(String, ColumnType)>>,
     spec: &LoadSpec,
     sample: Option<&Batch>,
@@ -322,9 +322,11 @@ pub fn plan_load(
         }
     };
     let mut columns = file.to_vec();
+    // Types for new columns: declared by the route, else nested JSON, else inferred from the
+    // sample (only types that keep every value as written), else text.
     let mut inferred = {
         let mut inference = TypeInference::new(file.len());
-        if let Some(batch) = sample {
+        if let Some(batch) = sample.filter(|_| spec.infer_types) {
             for r in 0..batch.len().min(schema::INFERENCE_SAMPLE_ROWS) {
                 for (i, value) in batch.row(r).enumerate() {
                     inference.observe(i, value);
@@ -334,14 +336,14 @@ pub fn plan_load(
         let types = inference.finish();
         types
             .into_iter()
+            .zip(file)
             .enumerate()
-            .map(|(i, t)| {
-                if nested.get(i).copied().unwrap_or(false) {
-                    ColumnType::Json
-                } else {
-                    t
-                }
-            })
+            .map(
+                |(i, (t, name))| match spec.widened.get(name).or(spec.column_types.get(name)) {
+                    Some(declared) => *declared,
+                    None => fixed.get(i).copied().flatten().unwrap_or(t),
+                },
+            )
             .collect::<Vec<_>>()
     };
     if spec.metadata_columns {
@@ -420,6 +422,65 @@ pub fn plan_load(
         columns,
         types,
     })
+}
+
+impl Plan {
+    /// The columns this load creates or adds, with their types: the ones it may widen.
+    pub fn new_columns(&self) -> Vec<(String, ColumnType)> {
+        match &self.create {
+            Some(types) => self.columns.iter().cloned().zip(types.iter().copied()).collect(),
+            None => self.add.clone(),
+        }
+    }
+}
+
+/// Checks every value of the file's typed columns (`types` in the order of the batch's
+/// columns; any after the batch's own, such as lineage columns, are not the file's) with the one rule of [`ColumnType::accepts`], so that a database's own, looser
+/// parsing (PostgreSQL reads `007` as the integer 7) never changes a value.
+pub(crate) fn check_values(batch: &Batch, columns: &[String], types: &[ColumnType]) -> Result<(), FileError> {
+    for (c, (column, ty)) in columns.iter().zip(types).enumerate().take(batch.width()) {
+        if matches!(ty, ColumnType::Text | ColumnType::Json) {
+            continue;
+        }
+        for r in 0..batch.len() {
+            if let Some(value) = batch.get(r, c)
+                && !ty.accepts(value)
+            {
+                return Err(batch.error_at(
+                    r,
+                    column,
+                    FileErrorKind::Type,
+                    format!("{value:?} is not a valid {}", ty.describe()),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// After a failed attempt: when a value did not fit a column that this load created or added
+/// (`new_columns`), the spec to try again with that column widened (integer to decimal,
+/// anything to text). The whole attempt, DDL included, was rolled back, so the file still
+/// loads whole, into the types that fit all of it.
+pub(crate) fn widened_spec(
+    error: &LoadError,
+    new_columns: &[(String, ColumnType)],
+    spec: &LoadSpec,
+) -> Option<LoadSpec> {
+    let LoadError::Permanent(e) = error else { return None };
+    if e.kind != FileErrorKind::Type {
+        return None;
+    }
+    let column = e.column.as_deref()?;
+    if spec.column_types.contains_key(column) {
+        return None; // a declared type is kept: the file fails
+    }
+    let (_, current) = new_columns.iter().find(|(c, _)| c == column)?;
+    let wider = current.widened(None)?;
+    tracing::info!(db.column = %column, from = ?current, to = ?wider, "a value does not fit the inferred type: widening the new column");
+    let mut spec = spec.clone();
+    spec.widened.insert(column.to_string(), wider);
+    Some(spec)
 }
 
 /// The lineage values of one file, when `metadata_columns` is on.
@@ -595,7 +656,7 @@ mod tests {
             Some(&sample),
         )
         .unwrap();
-        assert_eq!(add.add, [("extra".to_string(), ColumnType::Float)]);
+        assert_eq!(add.add, [("extra".to_string(), ColumnType::Numeric)]);
         let e = plan_load(
             "t",
             &cols[..1],
@@ -611,7 +672,7 @@ mod tests {
         let lineage = plan_load(
             "t",
             &cols,
-            &[true, false],
+            &[Some(ColumnType::Json), None],
             None,
             &spec(|s| s.metadata_columns = true),
             Some(&sample),

@@ -24,7 +24,7 @@ use crate::config::Config;
 use crate::error::{FileError, FileErrorKind, LoadError, Stage};
 use crate::format::{Mode, Stream};
 use crate::routes::{LoadSpec, WriteMode};
-use crate::schema::{ColumnType, Value};
+use crate::schema::{ColumnType, Value, decimal_scale};
 
 /// MySQL's limit on placeholders in one statement.
 const MAX_PARAMS: usize = 65_535;
@@ -247,20 +247,33 @@ impl MySqlSink {
 
     /// The table's columns, read on a connection of its own: in MySQL a transaction that looked
     /// at a table holds a metadata lock on it, which the DDL below would wait for.
-    async fn table_columns(&self, table: &str) -> Result<Option<Vec<(String, ColumnType)>>, LoadError> {
-        let rows: Vec<(String, String)> = sqlx::query_as(
-            "SELECT CAST(COLUMN_NAME AS CHAR), CAST(DATA_TYPE AS CHAR) FROM information_schema.COLUMNS
+    /// With the precision and scale of each DECIMAL column.
+    async fn table_columns(
+        &self,
+        table: &str,
+    ) -> Result<(Option<Vec<(String, ColumnType)>>, DecimalScales), LoadError> {
+        let rows: Vec<(String, String, Option<u64>, Option<u64>)> = sqlx::query_as(
+            "SELECT CAST(COLUMN_NAME AS CHAR), CAST(DATA_TYPE AS CHAR), CAST(NUMERIC_PRECISION AS UNSIGNED),
+                    CAST(NUMERIC_SCALE AS UNSIGNED)
+             FROM information_schema.COLUMNS
              WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? ORDER BY ORDINAL_POSITION",
         )
         .bind(table)
         .fetch_all(&self.pool)
         .await
         .map_err(|e| db_error(e, Stage::Database))?;
-        Ok((!rows.is_empty()).then(|| {
-            rows.into_iter()
-                .map(|(n, t)| (n.to_ascii_lowercase(), type_of(&t)))
-                .collect()
-        }))
+        let mut scales = DecimalScales::new();
+        let columns = rows
+            .into_iter()
+            .map(|(n, t, precision, scale)| {
+                let (name, ty) = (n.to_ascii_lowercase(), type_of(&t));
+                if let (ColumnType::Numeric, Some(p), Some(s)) = (ty, precision, scale) {
+                    scales.insert(name.clone(), (p as usize, s as usize));
+                }
+                (name, ty)
+            })
+            .collect::<Vec<_>>();
+        Ok(((!columns.is_empty()).then_some(columns), scales))
     }
 
     async fn insert_rows<F, Fut>(
@@ -282,18 +295,38 @@ impl MySqlSink {
         }
         let file_cols = file_columns(&decoded.header)?;
         let first = decoded.next_batch().await?;
-        let existing = self.table_columns(&table).await?;
+        let (existing, mut scales) = self.table_columns(&table).await?;
         if first.is_none() && existing.is_none() {
             return Ok(0); // header only: no rows, and no sample to create the table from
         }
-        let plan = plan_load(&table, &file_cols, &decoded.nested, existing, spec, first.as_ref())?;
+        let plan = plan_load(&table, &file_cols, &decoded.types, existing, spec, first.as_ref())?;
+        // A new DECIMAL column gets the largest scale of the sample: MySQL stores every value at
+        // its column's scale, and rounds (silently) what has more digits.
+        let created = plan.create.iter().flat_map(|types| plan.columns.iter().zip(types));
+        for (column, ty) in created.chain(plan.add.iter().map(|(c, t)| (c, t))) {
+            if *ty == ColumnType::Numeric {
+                let i = plan.columns.iter().position(|c| c == column).unwrap_or(0);
+                let scale = first
+                    .iter()
+                    .flat_map(|b| (0..b.len()).filter_map(move |r| b.get(r, i)))
+                    .map(decimal_scale)
+                    .max()
+                    .unwrap_or(0)
+                    .min(30);
+                scales.insert(column.clone(), (65, scale));
+            }
+        }
+        let column_type = |c: &String, t: ColumnType| match (t, scales.get(c)) {
+            (ColumnType::Numeric, Some((p, s))) => format!("DECIMAL({p},{s})"),
+            _ => sql_type(t, spec.key_columns.contains(c)).to_string(),
+        };
         let upsert = spec.write_mode == WriteMode::Upsert;
         if let Some(types) = &plan.create {
             let definition = plan
                 .columns
                 .iter()
                 .zip(types)
-                .map(|(c, t)| format!("{} {}", quote_ident(c), sql_type(*t, spec.key_columns.contains(c))))
+                .map(|(c, t)| format!("{} {}", quote_ident(c), column_type(c, *t)))
                 .collect::<Vec<_>>()
                 .join(", ");
             let key = match upsert {
@@ -321,7 +354,7 @@ impl MySqlSink {
                 "ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}",
                 quote_ident(&table),
                 quote_ident(column),
-                sql_type(*ty, false)
+                column_type(column, *ty)
             )))
             .execute(&self.pool)
             .await
@@ -362,6 +395,7 @@ impl MySqlSink {
         let lineage = spec.metadata_columns.then(|| Lineage::new(&file));
         let lineage_time = lineage.as_ref().map(|l| utc_datetime(&l.loaded_at).unwrap_or_default());
         let full_insert = insert(rows_per_insert);
+        let limits: Vec<Option<(usize, usize)>> = plan.columns.iter().map(|c| scales.get(c).copied()).collect();
         let mut total = 0u64;
         let mut batch = first;
         while let Some(b) = batch {
@@ -375,9 +409,12 @@ impl MySqlSink {
                 };
                 let mut query = sqlx::query(AssertSqlSafe(sql));
                 for r in start..end {
-                    for ((value, ty), column) in b.row(r).zip(&plan.types).zip(&plan.columns) {
+                    for (((value, ty), column), limit) in b.row(r).zip(&plan.types).zip(&plan.columns).zip(&limits) {
                         let type_error = |m: String| b.error_at(r, column, FileErrorKind::Type, m);
                         let value = ty.convert(value).map_err(type_error)?;
+                        if let (Value::Text(t), Some((precision, scale))) = (value, limit) {
+                            check_decimal(t, *precision, *scale).map_err(type_error)?;
+                        }
                         query = match (value, ty) {
                             (Value::Text(t), ColumnType::TimestampTz) => query.bind(
                                 utc_datetime(t).ok_or_else(|| type_error(format!("{t:?} is not a valid timestamp")))?,
@@ -404,6 +441,24 @@ impl MySqlSink {
     }
 }
 
+/// Per DECIMAL column: its precision and scale.
+type DecimalScales = std::collections::HashMap<String, (usize, usize)>;
+
+/// A decimal (bound as text, so no binary floating point) must fit its column's precision and
+/// scale: MySQL would round extra fractional digits without an error.
+fn check_decimal(value: &str, precision: usize, scale: usize) -> Result<(), String> {
+    let digits = value
+        .trim_start_matches('-')
+        .split_once('.')
+        .map_or(value.trim_start_matches('-'), |(i, _)| i);
+    if decimal_scale(value) > scale || digits.trim_start_matches('0').len() > precision.saturating_sub(scale) {
+        return Err(format!(
+            "{value:?} does not fit the column's DECIMAL({precision},{scale}) without rounding"
+        ));
+    }
+    Ok(())
+}
+
 /// An RFC 3339 timestamp as MySQL's DATETIME text, in UTC (sessions run in UTC).
 fn utc_datetime(value: &str) -> Option<String> {
     chrono::DateTime::parse_from_rfc3339(value).ok().map(|t| {
@@ -417,6 +472,7 @@ fn sql_type(t: ColumnType, key: bool) -> &'static str {
     match t {
         ColumnType::Integer => "BIGINT",
         ColumnType::Float => "DOUBLE",
+        ColumnType::Numeric => "DECIMAL(65,30)",
         ColumnType::Boolean => "BOOLEAN",
         ColumnType::Date => "DATE",
         ColumnType::Timestamp | ColumnType::TimestampTz => "DATETIME(6)",
@@ -431,7 +487,8 @@ fn type_of(data_type: &str) -> ColumnType {
     match data_type.to_ascii_lowercase().as_str() {
         "bigint" | "int" | "integer" | "mediumint" | "smallint" => ColumnType::Integer,
         "tinyint" => ColumnType::Boolean,
-        "double" | "float" | "decimal" | "real" => ColumnType::Float,
+        "double" | "float" | "real" => ColumnType::Float,
+        "decimal" | "numeric" => ColumnType::Numeric,
         "date" => ColumnType::Date,
         "datetime" | "timestamp" => ColumnType::Timestamp,
         "json" => ColumnType::Json,
@@ -448,5 +505,14 @@ mod tests {
             Some("2026-11-01 08:00:00.000000")
         );
         assert_eq!(super::utc_datetime("yesterday"), None);
+    }
+
+    #[test]
+    fn decimals_that_mysql_would_round_are_refused() {
+        assert!(super::check_decimal("129.90", 65, 2).is_ok());
+        assert!(super::check_decimal("-129.9", 65, 2).is_ok());
+        assert!(super::check_decimal("129.901", 65, 2).is_err());
+        assert!(super::check_decimal("12345", 6, 2).is_err());
+        assert!(super::check_decimal("1234", 6, 2).is_ok());
     }
 }

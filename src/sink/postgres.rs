@@ -8,8 +8,8 @@ use sqlx::postgres::{PgConnectOptions, PgDatabaseError, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Postgres, Transaction};
 
 use super::{
-    FileRef, LedgerRow, Lineage, LoadOutcome, Plan, SinkOptions, append_history, db_error, file_columns,
-    outcome_of_state, plan_load, quote_ident, retries_exhausted, rows_of, state,
+    FileRef, LedgerRow, Lineage, LoadOutcome, Plan, SinkOptions, append_history, check_values, db_error, file_columns,
+    outcome_of_state, plan_load, quote_ident, retries_exhausted, rows_of, state, widened_spec,
 };
 use crate::config::Config;
 use crate::error::{FileError, LoadError, Stage};
@@ -25,6 +25,8 @@ pub struct PgSink {
     /// Columns of the tables seen so far, to spare a catalog query per file. Refreshed when a
     /// file needs a column the cache does not know, and dropped when a load fails.
     columns: std::sync::Mutex<std::collections::HashMap<String, Vec<(String, ColumnType)>>>,
+    /// `database.passthrough`.
+    passthrough: bool,
 }
 
 /// See [`super::nodelay`]: finds this connection's socket by its ports (none on a Unix socket).
@@ -78,6 +80,7 @@ impl PgSink {
             options,
             claims,
             columns: Default::default(),
+            passthrough: config.database.passthrough,
         })
     }
 
@@ -317,10 +320,26 @@ impl PgSink {
         sqlx::query("SAVEPOINT file_rows").execute(&mut *tx).await.map_err(db)?;
         let id = &file.id();
         let table = spec.table.as_ref().ok().cloned();
-        let copied = self.copy_rows(&mut tx, file, spec, open).await;
-        if let (Err(_), Some(t)) = (&copied, &table) {
-            self.forget_columns(t);
-        }
+        let mut spec = std::borrow::Cow::Borrowed(spec);
+        let copied = loop {
+            let mut new_columns = Vec::new();
+            let copied = self.copy_rows(&mut tx, file, &spec, &open, &mut new_columns).await;
+            if let (Err(_), Some(t)) = (&copied, &table) {
+                self.forget_columns(t);
+            }
+            // A value that does not fit a column this load created: undo the attempt (its
+            // CREATE TABLE included) and load again with that column widened.
+            match copied.as_ref().err().and_then(|e| widened_spec(e, &new_columns, &spec)) {
+                Some(wider) => {
+                    sqlx::query("ROLLBACK TO SAVEPOINT file_rows")
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db)?;
+                    spec = std::borrow::Cow::Owned(wider);
+                }
+                None => break copied,
+            }
+        };
         // The table changed under a cached view of it (dropped, a column renamed): retry.
         let copied = match copied {
             Err(LoadError::Permanent(e))
@@ -441,15 +460,16 @@ impl PgSink {
         tx: &mut Transaction<'static, Postgres>,
         file: FileRef<'_>,
         spec: &LoadSpec,
-        open: F,
+        open: &F,
+        new_columns: &mut Vec<(String, ColumnType)>,
     ) -> Result<u64, LoadError>
     where
         F: Fn(Mode) -> Fut,
         Fut: std::future::Future<Output = Result<Stream, LoadError>>,
     {
         let table = spec.table.clone()?;
-        let passthrough = passthrough_possible(file.key, &spec.format) && !spec.metadata_columns;
-        if passthrough && let Some(rows) = self.copy_raw(tx, &table, spec, &open).await? {
+        let passthrough = self.passthrough && passthrough_possible(file.key, &spec.format) && !spec.metadata_columns;
+        if passthrough && let Some(rows) = self.copy_raw(tx, &table, spec, open, new_columns).await? {
             return Ok(rows);
         }
         let mut decoded = rows_of(open(Mode::Rows).await?);
@@ -459,11 +479,12 @@ impl PgSink {
         let file_cols = file_columns(&decoded.header)?;
         let first = decoded.next_batch().await?;
         let Some(plan) = self
-            .plan(tx, &table, &file_cols, &decoded.nested, spec, first.as_ref())
+            .plan(tx, &table, &file_cols, &decoded.types, spec, first.as_ref())
             .await?
         else {
             return Ok(0); // header only: no rows, and no sample to create the table from
         };
+        *new_columns = plan.new_columns();
         self.prepare_table(tx, &table, &plan, spec).await?;
         let into = self.copy_target(tx, &table, spec).await?;
         let column_list = plan
@@ -482,6 +503,7 @@ impl PgSink {
         let mut batch = first;
         let sent: Result<(), LoadError> = async {
             while let Some(b) = batch {
+                check_values(&b, &plan.columns, &plan.types)?;
                 buffer.clear();
                 encode_csv(&b, lineage.as_ref(), &mut buffer);
                 copy.send(buffer.as_slice())
@@ -512,6 +534,7 @@ impl PgSink {
         table: &str,
         spec: &LoadSpec,
         open: &F,
+        new_columns: &mut Vec<(String, ColumnType)>,
     ) -> Result<Option<u64>, LoadError>
     where
         F: Fn(Mode) -> Fut,
@@ -530,14 +553,22 @@ impl PgSink {
             return Ok(Some(0));
         }
         let file_cols = file_columns(&raw.header)?;
-        let nested = vec![false; file_cols.len()];
+        let fixed = vec![None; file_cols.len()];
         let Some(plan) = self
-            .plan(tx, table, &file_cols, &nested, spec, raw.sample.as_ref())
+            .plan(tx, table, &file_cols, &fixed, spec, raw.sample.as_ref())
             .await?
         else {
             return Ok(Some(0)); // header only
         };
+        *new_columns = plan.new_columns();
         self.prepare_table(tx, table, &plan, spec).await?;
+        raw.check_types(
+            plan.types
+                .iter()
+                .take(file_cols.len())
+                .map(|t| (!matches!(t, ColumnType::Text | ColumnType::Json)).then_some(*t))
+                .collect(),
+        );
         let into = self.copy_target(tx, table, spec).await?;
         let f = &spec.format;
         let statement = format!(
@@ -614,7 +645,7 @@ impl PgSink {
         tx: &mut Transaction<'static, Postgres>,
         table: &str,
         file_cols: &[String],
-        nested: &[bool],
+        fixed: &[Option<ColumnType>],
         spec: &LoadSpec,
         sample: Option<&Batch>,
     ) -> Result<Option<Plan>, LoadError> {
@@ -624,12 +655,22 @@ impl PgSink {
             .unwrap_or_else(|p| p.into_inner())
             .get(table)
             .cloned();
-        let fitting =
-            cached.and_then(|existing| plan_load(table, file_cols, nested, Some(existing), spec, sample).ok());
+        let fitting = cached.and_then(|existing| plan_load(table, file_cols, fixed, Some(existing), spec, sample).ok());
         if let Some(plan) = fitting.filter(|plan| plan.add.is_empty()) {
             return Ok(Some(plan));
         }
-        let existing = self.table_columns(tx, table).await?;
+        let mut existing = self.table_columns(tx, table).await?;
+        if existing.is_none() && sample.is_some() {
+            // Creating the table: one load at a time (replicas included) per table name. The
+            // lock is the load transaction's, so a second load waits until the first commits
+            // (or rolls back, its CREATE TABLE with it) and then sees the table as it is.
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+                .bind(format!("s3-sql-loader:table:{table}"))
+                .execute(&mut **tx)
+                .await
+                .map_err(|e| db_error(e, Stage::Database))?;
+            existing = self.table_columns(tx, table).await?;
+        }
         {
             let mut cache = self.columns.lock().unwrap_or_else(|p| p.into_inner());
             match &existing {
@@ -640,7 +681,7 @@ impl PgSink {
         if sample.is_none() && existing.is_none() {
             return Ok(None);
         }
-        Ok(Some(plan_load(table, file_cols, nested, existing, spec, sample)?))
+        Ok(Some(plan_load(table, file_cols, fixed, existing, spec, sample)?))
     }
 
     /// Forgets a table's cached columns (after DDL, or a failed load).
@@ -661,7 +702,7 @@ impl PgSink {
         }
         if let Some(types) = &plan.create {
             let keys = (spec.write_mode == WriteMode::Upsert).then_some(spec.key_columns.as_slice());
-            self.create_table(table, &plan.columns, types, keys).await?;
+            self.create_table(tx, table, &plan.columns, types, keys).await?;
         }
         for (column, ty) in &plan.add {
             // In the load's transaction: if the load fails, the column is not added either.
@@ -768,28 +809,22 @@ impl PgSink {
         Ok(Some(rows.into_iter().map(|(name, ty)| (name, type_of(&ty))).collect()))
     }
 
-    /// Creates the table in its own short transaction, serialized by an advisory lock so that
-    /// replicas creating the same table at once do not collide.
+    /// Creates the table in the load's transaction (under the lock [`PgSink::plan`] took), so
+    /// that a file that fails leaves no table behind, typed from its bad data.
     async fn create_table(
         &self,
+        tx: &mut Transaction<'static, Postgres>,
         table: &str,
         columns: &[String],
         types: &[ColumnType],
         keys: Option<&[String]>,
     ) -> Result<(), LoadError> {
-        let db = |e| db_error(e, Stage::Database);
         let definition = columns
             .iter()
             .zip(types)
             .map(|(c, t)| format!("{} {}", quote_ident(c), sql_type(*t)))
             .collect::<Vec<_>>()
             .join(", ");
-        let mut tx = self.pool.begin().await.map_err(db)?;
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
-            .bind(format!("s3-sql-loader:table:{table}"))
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
         let key = keys
             .map(|k| {
                 format!(
@@ -802,11 +837,10 @@ impl PgSink {
             "CREATE TABLE IF NOT EXISTS {} ({definition}{key})",
             quote_ident(table)
         )))
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await
-        .map_err(db)?;
-        tx.commit().await.map_err(db)?;
-        tracing::info!(db.table = %table, "created table");
+        .map_err(|e| db_error(e, Stage::Database))?;
+        tracing::info!(db.table = %table, "creating table (commits with the load)");
         Ok(())
     }
 }
@@ -814,6 +848,7 @@ impl PgSink {
 fn sql_type(t: ColumnType) -> &'static str {
     match t {
         ColumnType::Integer => "bigint",
+        ColumnType::Numeric => "numeric",
         ColumnType::Float => "double precision",
         ColumnType::Boolean => "boolean",
         ColumnType::Date => "date",
@@ -827,7 +862,8 @@ fn sql_type(t: ColumnType) -> &'static str {
 fn type_of(data_type: &str) -> ColumnType {
     match data_type {
         "bigint" | "integer" | "smallint" => ColumnType::Integer,
-        "double precision" | "real" | "numeric" => ColumnType::Float,
+        "double precision" | "real" => ColumnType::Float,
+        "numeric" => ColumnType::Numeric,
         "boolean" => ColumnType::Boolean,
         "date" => ColumnType::Date,
         "timestamp without time zone" => ColumnType::Timestamp,

@@ -189,6 +189,8 @@ pub fn copy_statement(
 pub fn sql_type(t: ColumnType) -> &'static str {
     match t {
         ColumnType::Integer => "BIGINT",
+        // Redshift DECIMAL needs a fixed scale; text keeps every digit as written.
+        ColumnType::Numeric => "VARCHAR(65535)",
         ColumnType::Float => "DOUBLE PRECISION",
         ColumnType::Boolean => "BOOLEAN",
         ColumnType::Date => "DATE",
@@ -336,7 +338,7 @@ impl RedshiftSink {
         };
         // The columns and a sample from the first file (one route, one format: one header).
         let format = spec.format.format.unwrap_or_else(|| Format::from_key(&files[0].key));
-        let (columns, nested, sample) = read_header(source, &files[0], spec).await?;
+        let (columns, fixed, sample) = read_header(source, &files[0], spec).await?;
         let mut tx = self.lock().await?;
         let mut out: BatchOutcome = Vec::new();
         let mut todo: Vec<&ObjectMeta> = Vec::new();
@@ -365,7 +367,7 @@ impl RedshiftSink {
             return Ok(out);
         }
         let names = file_columns(&columns)?;
-        self.ensure_table(&mut tx, &table, &names, &nested, sample.as_ref(), spec)
+        self.ensure_table(&mut tx, &table, &names, &fixed, sample.as_ref(), spec)
             .await?;
         // The manifest goes to the bucket before the COPY that reads it.
         let entries: Vec<(String, u64)> = todo
@@ -514,7 +516,7 @@ impl RedshiftSink {
         tx: &mut Transaction<'static, Postgres>,
         table: &str,
         columns: &[String],
-        nested: &[bool],
+        fixed: &[Option<ColumnType>],
         sample: Option<&format::Batch>,
         spec: &LoadSpec,
     ) -> Result<(), LoadError> {
@@ -563,11 +565,7 @@ impl RedshiftSink {
             .zip(types)
             .enumerate()
             .map(|(i, (c, t))| {
-                let t = if nested.get(i).copied().unwrap_or(false) {
-                    ColumnType::Json
-                } else {
-                    t
-                };
+                let t = fixed.get(i).copied().flatten().unwrap_or(t);
                 format!("{} {}", quote_ident(c), sql_type(t))
             })
             .collect::<Vec<_>>()
@@ -643,12 +641,12 @@ enum Copied {
     Rejected(HashMap<String, FileError>),
 }
 
-/// The header, nested-JSON flags and a sample of the first file.
+/// The header, the types the format fixes and a sample of the first file.
 async fn read_header(
     source: &Source,
     file: &ObjectMeta,
     spec: &LoadSpec,
-) -> Result<(Vec<String>, Vec<bool>, Option<format::Batch>), LoadError> {
+) -> Result<(Vec<String>, Vec<Option<ColumnType>>, Option<format::Batch>), LoadError> {
     let opened = source.open(file).await.map_err(|e| e.into_load_error(Stage::Get))?;
     let stream = format::open(
         opened.reader,
@@ -663,7 +661,7 @@ async fn read_header(
         unreachable!("opened in Mode::Rows")
     };
     let sample = decoded.next_batch().await.map_err(LoadError::from)?;
-    Ok((decoded.header, decoded.nested, sample))
+    Ok((decoded.header, decoded.types, sample))
 }
 
 /// Tests only: what `COPY … FROM 's3://…manifest'` does, done with PostgreSQL's COPY FROM STDIN

@@ -12,7 +12,7 @@ use tokio::sync::Mutex;
 
 use super::{
     FileRef, LedgerRow, Lineage, LoadOutcome, SinkOptions, append_history, db_error, file_columns, outcome_of_state,
-    plan_load, quote_ident, retries_exhausted, rows_of, state,
+    plan_load, quote_ident, retries_exhausted, rows_of, state, widened_spec,
 };
 use crate::config::Config;
 use crate::error::{FileError, FileErrorKind, LoadError, Stage};
@@ -166,7 +166,28 @@ impl SqliteSink {
 
         sqlx::query("SAVEPOINT file_rows").execute(&mut *tx).await.map_err(db)?;
         let table = spec.table.as_ref().ok().cloned();
-        match self.insert_rows(&mut tx, file, spec, open).await {
+        let mut spec = std::borrow::Cow::Borrowed(spec);
+        let inserted = loop {
+            let mut new_columns = Vec::new();
+            let inserted = self.insert_rows(&mut tx, file, &spec, &open, &mut new_columns).await;
+            // A value that does not fit a column this load created: undo the attempt (its
+            // CREATE TABLE included) and load again with that column widened.
+            match inserted
+                .as_ref()
+                .err()
+                .and_then(|e| widened_spec(e, &new_columns, &spec))
+            {
+                Some(wider) => {
+                    sqlx::query("ROLLBACK TO SAVEPOINT file_rows")
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db)?;
+                    spec = std::borrow::Cow::Owned(wider);
+                }
+                None => break inserted,
+            }
+        };
+        match inserted {
             Ok(rows) => {
                 sqlx::query("RELEASE SAVEPOINT file_rows")
                     .execute(&mut *tx)
@@ -247,7 +268,8 @@ impl SqliteSink {
         tx: &mut Transaction<'static, Sqlite>,
         file: FileRef<'_>,
         spec: &LoadSpec,
-        open: F,
+        open: &F,
+        new_columns: &mut Vec<(String, ColumnType)>,
     ) -> Result<u64, LoadError>
     where
         F: Fn(Mode) -> Fut,
@@ -275,7 +297,8 @@ impl SqliteSink {
         if first.is_none() && existing.is_none() {
             return Ok(0); // header only: no rows, and no sample to create the table from
         }
-        let plan = plan_load(&table, &file_cols, &decoded.nested, existing, spec, first.as_ref())?;
+        let plan = plan_load(&table, &file_cols, &decoded.types, existing, spec, first.as_ref())?;
+        *new_columns = plan.new_columns();
         let upsert = spec.write_mode == WriteMode::Upsert;
         let keys = spec
             .key_columns
@@ -402,6 +425,8 @@ fn sql_type(t: ColumnType) -> &'static str {
     match t {
         ColumnType::Integer => "INTEGER",
         ColumnType::Float => "REAL",
+        // SQLite has no exact decimal: TEXT keeps the digits (NUMERIC affinity would not).
+        ColumnType::Numeric => "DECIMAL_TEXT",
         ColumnType::Boolean => "BOOLEAN",
         ColumnType::Date => "DATE",
         ColumnType::Timestamp => "TIMESTAMP",
@@ -413,7 +438,9 @@ fn sql_type(t: ColumnType) -> &'static str {
 /// The loader's type for a declared SQLite column type (SQLite's affinity rules, refined).
 fn affinity(declared: &str) -> ColumnType {
     let d = declared.to_ascii_uppercase();
-    if d.contains("INT") {
+    if d == "DECIMAL_TEXT" {
+        ColumnType::Numeric
+    } else if d.contains("INT") {
         ColumnType::Integer
     } else if d.contains("REAL") || d.contains("FLOA") || d.contains("DOUB") {
         ColumnType::Float
