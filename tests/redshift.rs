@@ -36,7 +36,7 @@ async fn a_batch_loads_by_manifest_in_one_transaction_and_a_bad_file_fails_alone
     bucket.put("incoming/orders/a.csv", orders_csv(1, 30)).await;
     bucket.put("incoming/orders/b.csv", orders_csv(31, 20)).await;
     let mut bad = orders_csv(100, 3);
-    bad.push_str("103,x,not-a-number,true,2026-11-01\n");
+    bad.push_str("103,x,1.5,maybe,2026-11-01\n");
     bucket.put("incoming/orders/c-bad.csv", bad).await;
     let dir = tempfile::tempdir().unwrap();
     let loader = Loader::spawn(dir.path(), &env(moto.env(), &moto.endpoint, "warehouse", &db));

@@ -302,10 +302,13 @@ async fn sigterm_with_a_short_grace_rolls_the_load_back_exits_0_and_a_restart_lo
     let dir = tempfile::tempdir().unwrap();
     let mut loader = Loader::spawn(dir.path(), &env);
     loader.wait_up().await;
-    // The table appears once the first batch arrived: rows are streaming into COPY from then on.
+    // PostgreSQL's own progress view: rows are streaming into COPY (the table, created in the
+    // load's transaction, is not visible before the commit).
     wait_until(Duration::from_secs(30), "the load writing rows", || async {
-        db.count("SELECT count(*) FROM pg_tables WHERE tablename = 'orders'")
-            .await
+        db.count(
+            "SELECT count(*) FROM pg_stat_progress_copy WHERE datname = current_database() AND tuples_processed > 0",
+        )
+        .await
             == 1
     })
     .await;
@@ -324,9 +327,10 @@ async fn sigterm_with_a_short_grace_rolls_the_load_back_exits_0_and_a_restart_lo
     );
     assert!(loader.log_events("loaded").is_empty());
     assert_eq!(
-        db.count("SELECT count(*) FROM orders").await,
+        db.count("SELECT count(*) FROM pg_tables WHERE tablename = 'orders'")
+            .await,
         0,
-        "the abandoned load rolled back"
+        "the abandoned load rolled back, its CREATE TABLE with it"
     );
     assert_eq!(bucket.keys("incoming/").await, ["incoming/orders/big.csv"]);
 

@@ -393,6 +393,11 @@ fn pass_raw(
     };
     if prefix.starts_with(&[0xEF, 0xBB, 0xBF]) {
         prefix.drain(..3);
+        if prefix.starts_with(&[0xEF, 0xBB, 0xBF]) {
+            // The reader skips a second one too; COPY would read it as text.
+            let _ = prefix_tx.send(Err(DecodeFailure::Unsuitable("a second byte order mark")));
+            return;
+        }
     }
     let complete = prefix.len() < raw::PREFIX_BYTES;
     if complete && prefix.is_empty() {

@@ -298,6 +298,9 @@ impl Scanner {
 
     /// Records in the whole input (header included), once it has all been fed.
     pub fn finish(&self) -> Result<u64, &'static str> {
+        if self.after_cr {
+            return Err("a bare CR line end"); // the last byte: COPY reads it as data
+        }
         if self.line_is_marker && self.line_len == 2 {
             return Err("a line holding only \\.");
         }
@@ -339,6 +342,7 @@ mod tests {
         assert_eq!(scan(b"a\n\\.\n2\n"), Err("a line holding only \\."));
         assert_eq!(scan(b"a\n\\."), Err("a line holding only \\."));
         assert_eq!(scan(b"a\r1\r"), Err("a bare CR line end"));
+        assert_eq!(scan(b"a\r\n1\r"), Err("a bare CR line end"));
         assert_eq!(scan(b"a\r\n1\n"), Err("mixed line ends"));
         assert_eq!(scan(b"a\n\"\\.\"\n"), Ok(2), "a quoted \\. is data");
         assert_eq!(scan(b"a\n\\.x\n"), Ok(2));

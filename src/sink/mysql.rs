@@ -300,24 +300,27 @@ impl MySqlSink {
             return Ok(0); // header only: no rows, and no sample to create the table from
         }
         let plan = plan_load(&table, &file_cols, &decoded.types, existing, spec, first.as_ref())?;
-        // A new DECIMAL column gets the largest scale of the sample: MySQL stores every value at
-        // its column's scale, and rounds (silently) what has more digits.
+        // MySQL stores every value of a DECIMAL at its column's scale (`2.5` in DECIMAL(65,2)
+        // reads `2.50`) and rounds what has more digits. A new decimal column is DECIMAL only
+        // when the sample's values share one scale (at most 30); otherwise text keeps each
+        // value's own digits.
         let created = plan.create.iter().flat_map(|types| plan.columns.iter().zip(types));
         for (column, ty) in created.chain(plan.add.iter().map(|(c, t)| (c, t))) {
             if *ty == ColumnType::Numeric {
                 let i = plan.columns.iter().position(|c| c == column).unwrap_or(0);
-                let scale = first
+                let mut sample_scales = first
                     .iter()
                     .flat_map(|b| (0..b.len()).filter_map(move |r| b.get(r, i)))
-                    .map(decimal_scale)
-                    .max()
-                    .unwrap_or(0)
-                    .min(30);
-                scales.insert(column.clone(), (65, scale));
+                    .map(decimal_scale);
+                let scale = sample_scales.next().unwrap_or(0);
+                if sample_scales.all(|s| s == scale) && scale <= 30 {
+                    scales.insert(column.clone(), (65, scale));
+                }
             }
         }
         let column_type = |c: &String, t: ColumnType| match (t, scales.get(c)) {
             (ColumnType::Numeric, Some((p, s))) => format!("DECIMAL({p},{s})"),
+            (ColumnType::Numeric, None) => sql_type(ColumnType::Text, spec.key_columns.contains(c)).to_string(),
             _ => sql_type(t, spec.key_columns.contains(c)).to_string(),
         };
         let upsert = spec.write_mode == WriteMode::Upsert;
