@@ -3,6 +3,11 @@
 //! task. A worker task first waits for one of `workers.concurrency` permits, then for the rate
 //! limiter, then loads; the scheduler never waits for loads, so a slow file does not delay the
 //! listing (and the backlog metric) of the next tick.
+//!
+//! A table that does not exist yet is created by one file: the first by key order of those
+//! listed for it. The others for that table wait behind a [`Gate`] until that load ends, then
+//! load in parallel; if it did not load, they are left for the next tick, which elects the next
+//! first key. So the types of a new table never depend on which worker or replica wins a race.
 
 use std::collections::{HashMap, HashSet};
 use std::num::NonZeroU32;
@@ -41,6 +46,10 @@ pub struct Scheduler {
     initial_backoff: Duration,
     max_backoff: Duration,
     ledger_ready: AtomicBool,
+    /// Tables known to exist: no need to ask the database again.
+    known_tables: Mutex<HashSet<String>>,
+    /// Per table being created by a load of this process: that load's outcome, once known.
+    creating: Mutex<HashMap<String, tokio::sync::watch::Receiver<Option<bool>>>>,
     tracker: TaskTracker,
     stop: CancellationToken,
     publisher: Option<Arc<Publisher>>,
@@ -71,6 +80,8 @@ impl Scheduler {
             initial_backoff: config.retry.initial_backoff,
             max_backoff: config.retry.max_backoff,
             ledger_ready: AtomicBool::new(false),
+            known_tables: Mutex::default(),
+            creating: Mutex::default(),
             tracker: TaskTracker::new(),
             stop,
             publisher,
@@ -175,13 +186,80 @@ impl Scheduler {
             info!(listed, picked = picked.len(), "dispatching files");
         }
         let dispatched = picked.len() as u64;
-        let units = if self.worker.db.loads_batches() {
-            self.batches(picked)
+        let handles = if self.worker.db.loads_batches() {
+            let units = self.batches(picked);
+            units.into_iter().map(|unit| self.dispatch(unit, Gate::Open)).collect()
         } else {
-            picked.into_iter().map(|obj| vec![obj]).collect()
+            let gates = self.gates_for_new_tables(&picked).await;
+            picked
+                .into_iter()
+                .zip(gates)
+                .map(|(obj, gate)| self.dispatch(vec![obj], gate))
+                .collect()
         };
-        let handles = units.into_iter().map(|unit| self.dispatch(unit)).collect();
         (Ok(()), listed, dispatched, handles)
+    }
+
+    /// One [`Gate`] per picked file: open for a table that exists (or cannot be checked: the
+    /// loads then find out, serialized by the database), `Creates` for the first key of a table
+    /// that does not, `Follows` for the rest of its files.
+    async fn gates_for_new_tables(&self, picked: &[ObjectMeta]) -> Vec<Gate> {
+        let tables: Vec<Option<String>> = picked
+            .iter()
+            .map(|o| self.worker.routes.resolve(&o.key).table.ok())
+            .collect();
+        let unknown: Vec<String> = {
+            let known = self.known_tables.lock().unwrap_or_else(|p| p.into_inner());
+            let mut unknown: Vec<String> = tables
+                .iter()
+                .flatten()
+                .filter(|t| !known.contains(*t))
+                .cloned()
+                .collect();
+            unknown.sort();
+            unknown.dedup();
+            unknown
+        };
+        let mut gates: Vec<Gate> = (0..picked.len()).map(|_| Gate::Open).collect();
+        if unknown.is_empty() {
+            return gates;
+        }
+        let existing = match self.worker.db.existing_tables(&unknown).await {
+            Ok(existing) => existing,
+            Err(_) => return gates,
+        };
+        let mut creating = self.creating.lock().unwrap_or_else(|p| p.into_inner());
+        creating.retain(|table, _| !existing.contains(table));
+        self.known_tables
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(existing.iter().cloned());
+        for table in unknown.iter().filter(|t| !existing.contains(*t)) {
+            let files: Vec<usize> = (0..picked.len())
+                .filter(|&i| tables[i].as_deref() == Some(table.as_str()))
+                .collect();
+            // A load of an earlier tick may be creating it still: everything follows that one.
+            let pending =
+                |rx: &&tokio::sync::watch::Receiver<Option<bool>>| rx.borrow().is_none() && rx.has_changed().is_ok();
+            let outcome = match creating.get(table).filter(pending) {
+                Some(rx) => rx.clone(),
+                None => {
+                    let Some(&first) = files.iter().min_by(|&&a, &&b| picked[a].key.cmp(&picked[b].key)) else {
+                        continue;
+                    };
+                    let (tx, rx) = tokio::sync::watch::channel(None);
+                    gates[first] = Gate::Creates(tx);
+                    creating.insert(table.clone(), rx.clone());
+                    rx
+                }
+            };
+            for i in files {
+                if matches!(gates[i], Gate::Open) {
+                    gates[i] = Gate::Follows(outcome.clone());
+                }
+            }
+        }
+        gates
     }
 
     /// Oldest first; skips files in flight or backing off; at most `max_files_per_tick`.
@@ -219,7 +297,7 @@ impl Scheduler {
     }
 
     /// Starts a task for one file, or for one batch of files (Redshift).
-    fn dispatch(&self, objs: Vec<ObjectMeta>) -> JoinHandle<Vec<FileOutcome>> {
+    fn dispatch(&self, objs: Vec<ObjectMeta>, gate: Gate) -> JoinHandle<Vec<FileOutcome>> {
         {
             let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
             in_flight.extend(objs.iter().map(|o| o.key.clone()));
@@ -239,6 +317,16 @@ impl Scheduler {
             async move {
                 let outcomes = async {
                     let not_started = || vec![FileOutcome::NotStarted; objs.len()];
+                    // Behind the load creating this file's table: only once it loaded.
+                    if let Gate::Follows(mut outcome) = gate.clone_follower() {
+                        let created = tokio::select! {
+                            o = outcome.wait_for(Option::is_some) => o.is_ok_and(|o| *o == Some(true)),
+                            _ = stop.cancelled() => false,
+                        };
+                        if !created {
+                            return not_started();
+                        }
+                    }
                     // Files not started when a stop comes are simply left for next time.
                     let _permit = tokio::select! {
                         p = permits.acquire_owned() => p.expect("the semaphore is never closed"),
@@ -256,9 +344,18 @@ impl Scheduler {
                         vec![worker.process(&objs[0]).await]
                     };
                     worker.status.load_ended();
+                    if let Gate::Creates(tx) = &gate {
+                        let loaded = matches!(
+                            outcomes.first(),
+                            Some(FileOutcome::Loaded { .. } | FileOutcome::AlreadyLoaded)
+                        );
+                        let _ = tx.send(Some(loaded));
+                    }
                     outcomes
                 }
                 .await;
+                // A creating load that never started drops its sender: its followers then see
+                // the channel closed and are left for the next tick as well.
                 let mut backoff = backoff.lock().unwrap_or_else(|p| p.into_inner());
                 for (obj, outcome) in objs.iter().zip(&outcomes) {
                     if let FileOutcome::Retry { .. } = outcome {
@@ -281,6 +378,25 @@ impl Scheduler {
             }
             .instrument(span),
         )
+    }
+}
+
+/// How a file waits for the creation of its table (see the module docs).
+enum Gate {
+    /// The table exists, or is not this tick's concern.
+    Open,
+    /// This file's load creates the table; the others learn whether it loaded.
+    Creates(tokio::sync::watch::Sender<Option<bool>>),
+    /// Wait for the creating load; go on only if it loaded.
+    Follows(tokio::sync::watch::Receiver<Option<bool>>),
+}
+
+impl Gate {
+    fn clone_follower(&self) -> Gate {
+        match self {
+            Gate::Follows(rx) => Gate::Follows(rx.clone()),
+            _ => Gate::Open,
+        }
     }
 }
 

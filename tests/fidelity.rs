@@ -1809,3 +1809,47 @@ async fn decimals_keep_their_trailing_zeros() {
 async fn invalid_utf8_split_across_two_fields_fails_the_whole_file() {
     check_case("fid_split_utf8", "t/x.csv", b"a,b\n\xc3,\xa9\n", Expect::Fails).await;
 }
+
+/// Issue: the types of a new table depended on which worker won the race to create it. Now
+/// the first file by key order creates it and the others wait. `a.csv` is large (slow) and
+/// sorts first; without that rule a tiny `b.csv` or `c.csv` would create the table first (as
+/// decimal or text) and every file would load.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_tables_types_come_from_its_first_file_by_key_order_whoever_is_faster() {
+    for round in 0..3 {
+        let db = PgDb::create(&format!("first_key_{round}")).await;
+        let dir = tempfile::tempdir().unwrap();
+        let incoming = dir.path().join("data/incoming");
+        let mut big = String::from("amount\n");
+        for i in 0..200_000 {
+            big.push_str(&format!("{i}\n"));
+        }
+        write_old(&incoming.join("t/a.csv"), big.as_bytes());
+        write_old(&incoming.join("t/b.csv"), b"amount\n1.5\n");
+        write_old(&incoming.join("t/c.csv"), b"amount\nx\n");
+        let env = kv(&[
+            ("LOADER_DATABASE__URL", db.url.as_str()),
+            ("LOADER_WORKERS__CONCURRENCY", "4"),
+        ]);
+        let (status, stdout, stderr) = run(dir.path(), &["once"], &env);
+        assert_eq!(status.code(), Some(1), "b and c fail\n{stdout}{stderr}");
+        assert_eq!(
+            files_under(&dir.path().join("data/processed")),
+            ["t/a.csv"],
+            "round {round}\n{stdout}"
+        );
+        assert_eq!(
+            files_under(&dir.path().join("data/failed")),
+            ["t/b.csv", "t/b.csv.error.json", "t/c.csv", "t/c.csv.error.json"],
+            "round {round}"
+        );
+        let ty: (String,) = sqlx::query_as(
+            "SELECT data_type::text FROM information_schema.columns WHERE table_name = 't' AND column_name = 'amount'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        assert_eq!(ty.0, "bigint", "round {round}");
+        assert_eq!(db.count("SELECT count(*) FROM t").await, 200_000);
+    }
+}

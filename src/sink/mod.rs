@@ -171,6 +171,24 @@ impl Database {
         .map_err(|e| db_error(e, Stage::Database))
     }
 
+    /// Which of `tables` exist (in the schema the loads write to).
+    pub async fn existing_tables(&self, tables: &[String]) -> Result<std::collections::HashSet<String>, LoadError> {
+        let mut existing = std::collections::HashSet::new();
+        for table in tables {
+            let found = match self {
+                Database::Postgres(s) => s.table_exists(table).await,
+                Database::MySql(s) => s.table_exists(table).await,
+                Database::Sqlite(s) => s.table_exists(table).await,
+                Database::Redshift(_) => Ok(true), // batches create their table in their COPY's transaction
+            }
+            .map_err(|e| db_error(e, Stage::Database))?;
+            if found {
+                existing.insert(table.clone());
+            }
+        }
+        Ok(existing)
+    }
+
     pub async fn close(&self) {
         match self {
             Database::Postgres(s) => s.close().await,

@@ -71,6 +71,16 @@ impl MySqlSink {
         sqlx::query("SELECT 1").execute(&self.pool).await.map(|_| ())
     }
 
+    pub async fn table_exists(&self, table: &str) -> Result<bool, sqlx::Error> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?",
+        )
+        .bind(table)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(n > 0)
+    }
+
     pub async fn close(&self) {
         self.pool.close().await
     }

@@ -88,6 +88,13 @@ impl PgSink {
         sqlx::query("SELECT 1").execute(&self.pool).await.map(|_| ())
     }
 
+    pub async fn table_exists(&self, table: &str) -> Result<bool, sqlx::Error> {
+        sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+            .bind(quote_ident(table))
+            .fetch_one(&self.pool)
+            .await
+    }
+
     pub async fn close(&self) {
         self.pool.close().await
     }

@@ -60,6 +60,14 @@ impl SqliteSink {
         sqlx::query("SELECT 1").execute(&self.pool).await.map(|_| ())
     }
 
+    pub async fn table_exists(&self, table: &str) -> Result<bool, sqlx::Error> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = ?")
+            .bind(table)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n > 0)
+    }
+
     pub async fn close(&self) {
         self.pool.close().await
     }
