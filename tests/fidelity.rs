@@ -1254,7 +1254,10 @@ async fn campaign() -> &'static Findings {
 async fn run_campaign() -> Findings {
     let started = std::time::Instant::now();
     let seed = env_or("FIDELITY_SEED", DEFAULT_SEED);
-    let files = generate(seed, env_or("FIDELITY_FILES", DEFAULT_FILES));
+    let mut files = generate(seed, env_or("FIDELITY_FILES", DEFAULT_FILES));
+    let corpus = corpus_files();
+    let corpus_count = corpus.len();
+    files.extend(corpus);
     let routes = routes_toml(&files);
     let (sinks, oracle_db) = tokio::join!(Sink::create_all("fid_gen"), PgDb::create("fid_oracle"));
     let inputs: Vec<(&str, &[u8])> = files.iter().map(|f| (f.key.as_str(), f.bytes.as_slice())).collect();
@@ -1320,8 +1323,8 @@ async fn run_campaign() -> Findings {
         }
     }
     let mut summary = format!(
-        "{} generated files (seed {seed:#x}), {} sinks, {:.1?}\n",
-        files.len(),
+        "{} generated files (seed {seed:#x}) and {corpus_count} corpus files, {} sinks, {:.1?}\n",
+        files.len() - corpus_count,
         live.len(),
         started.elapsed()
     );
@@ -1334,6 +1337,63 @@ async fn run_campaign() -> Findings {
         agreement,
         oracle: oracle_problems,
     }
+}
+
+/// Files gathered from other projects' test suites and examples (CSV and TSV), from
+/// `$FIDELITY_CORPUS` or else the shared folder beside the repository (`../shared/corpus`), each
+/// with a README saying where it comes from. They run through every sink and the oracle like
+/// the generated ones; none is stored in this repository.
+fn corpus_files() -> Vec<Generated> {
+    let dir = std::env::var_os("FIDELITY_CORPUS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/corpus"));
+    let mut paths = Vec::new();
+    let mut stack = vec![dir];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if matches!(path.extension().and_then(|x| x.to_str()), Some("csv" | "tsv")) {
+                paths.push(path);
+            }
+        }
+    }
+    paths.sort();
+    paths
+        .iter()
+        .enumerate()
+        .filter_map(|(i, path)| {
+            let bytes = std::fs::read(path).ok()?;
+            let tsv = path.extension().is_some_and(|x| x == "tsv");
+            let delimiter = if tsv { b'\t' } else { b',' };
+            let table = format!("c{:04}", i + 1);
+            let name = if tsv { "x.tsv" } else { "x.csv" };
+            Some(Generated {
+                key: format!("{table}/{name}"),
+                table,
+                delimiter,
+                width: header_width(&bytes, delimiter),
+                bytes,
+                features: vec![format!("corpus: {}", path.display())],
+            })
+        })
+        .collect()
+}
+
+/// Fields in the first record (quotes respected), for the oracle's table of text columns.
+fn header_width(bytes: &[u8], delimiter: u8) -> usize {
+    let (mut fields, mut quoted) = (1, false);
+    for &b in bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(bytes) {
+        match b {
+            b'"' => quoted = !quoted,
+            b'\n' | b'\r' if !quoted => break,
+            b if b == delimiter && !quoted => fields += 1,
+            _ => {}
+        }
+    }
+    fields
 }
 
 /// Every sink failed the file (with a report, no rows) or every sink loaded it, equally.

@@ -377,6 +377,44 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(3000))]
+
+        /// What the passthrough relies on: wherever the scanner lets bytes through, the
+        /// loader's reader reads them without error and counts the same records, however the
+        /// bytes are split into chunks.
+        #[test]
+        fn where_the_scanner_passes_bytes_the_reader_reads_the_same_records(
+            input in proptest::collection::vec(proptest::sample::select(b"ab,\"\n\r\\.x;".to_vec()), 0..80),
+            cuts in proptest::collection::vec(1usize..9, 1..20),
+        ) {
+            let mut scanner = Scanner::new(b'"', b',');
+            let mut rest = &input[..];
+            let mut scanned = Ok(());
+            for cut in cuts.iter().cycle() {
+                if rest.is_empty() || scanned.is_err() {
+                    break;
+                }
+                let n = (*cut).min(rest.len());
+                scanned = scanner.feed(&rest[..n]);
+                rest = &rest[n..];
+            }
+            if scanned.is_ok() && !scanner.in_quotes && let Ok(count) = scanner.finish() {
+                let mut reader = CsvReader::new(&input[..], b',', b'"');
+                let mut record = Record::default();
+                let mut records = 0u64;
+                loop {
+                    match reader.read(&mut record) {
+                        Ok(true) => records += 1,
+                        Ok(false) => break,
+                        Err(e) => proptest::prop_assert!(false, "the reader failed where the scanner passed: {:?} on {:?}", e.err(), String::from_utf8_lossy(&input)),
+                    }
+                }
+                proptest::prop_assert_eq!(records, count, "{:?}", String::from_utf8_lossy(&input));
+            }
+        }
+    }
+
     #[test]
     fn the_prefix_gives_the_header_and_whole_rows_only() {
         let options = super::super::FormatOptions::default();
