@@ -435,6 +435,15 @@ impl Config {
         if self.csv.delimiter == self.csv.quote {
             problems.push("csv.quote: must differ from csv.delimiter".into());
         }
+        if [self.csv.delimiter.as_str(), self.csv.quote.as_str(), "\n", "\r"]
+            .iter()
+            .any(|c| !c.is_empty() && self.csv.null.contains(c))
+        {
+            problems.push(
+                "csv.null: must not contain the delimiter, the quote or a line end (COPY refuses such a NULL string)"
+                    .into(),
+            );
+        }
         if self.http.listen.parse::<SocketAddr>().is_err() {
             problems.push(format!(
                 "http.listen: expected ADDRESS:PORT such as 127.0.0.1:8080, got {:?}",

@@ -152,6 +152,21 @@ impl Routes {
                     problems.push(format!("{at}.{key}: must be exactly one ASCII character"));
                 }
             }
+            if let Some(null) = &r.null {
+                let delimiter =
+                    r.delimiter
+                        .as_deref()
+                        .unwrap_or(if r.format == Some(Format::Tsv) { "\t" } else { "," });
+                let quote = r.quote.as_deref().unwrap_or("\"");
+                if [delimiter, quote, "\n", "\r"]
+                    .iter()
+                    .any(|c| !c.is_empty() && null.contains(c))
+                {
+                    problems.push(format!(
+                        "{at}.null: must not contain the delimiter, the quote or a line end (COPY refuses such a NULL string)"
+                    ));
+                }
+            }
             if r.header == Some(false) && r.columns.is_empty() {
                 problems.push(format!("{at}.columns: needed when header = false"));
             }

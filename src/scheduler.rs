@@ -345,10 +345,9 @@ impl Scheduler {
                     };
                     worker.status.load_ended();
                     if let Gate::Creates(tx) = &gate {
-                        let loaded = matches!(
-                            outcomes.first(),
-                            Some(FileOutcome::Loaded { .. } | FileOutcome::AlreadyLoaded)
-                        );
+                        // Rows loaded means the table exists now; a header-only file creates none
+                        // (and `AlreadyLoaded` does not say), so the next tick decides again.
+                        let loaded = matches!(outcomes.first(), Some(FileOutcome::Loaded { rows }) if *rows > 0);
                         let _ = tx.send(Some(loaded));
                     }
                     outcomes

@@ -90,6 +90,84 @@ impl ColumnType {
     }
 }
 
+/// What a column's declaration adds to its type: digits after the point (`numeric(p,s)`),
+/// fractional seconds (`timestamp(p)`), characters (`varchar(n)`; exactly n for `char(n)`,
+/// which pads). The database would round, cut or pad a value beyond them, so such a value
+/// fails the file instead.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub scale: Option<u32>,
+    pub fraction: Option<u32>,
+    pub chars: Option<u32>,
+    pub exact_chars: bool,
+}
+
+impl Limits {
+    pub fn is_none(&self) -> bool {
+        *self == Limits::default()
+    }
+
+    /// `Err` says what the database would do to `value`.
+    pub fn check(&self, value: &str) -> Result<(), String> {
+        if let Some(scale) = self.scale
+            && decimal_scale(value) > scale as usize
+        {
+            return Err(format!(
+                "{value:?} has more than {scale} digits after the point: the column would round it"
+            ));
+        }
+        if let Some(fraction) = self.fraction {
+            let digits = value
+                .get(19..)
+                .and_then(|rest| rest.strip_prefix('.'))
+                .map_or(0, |f| f.bytes().take_while(u8::is_ascii_digit).count());
+            if digits > fraction as usize {
+                return Err(format!(
+                    "{value:?} has more than {fraction} fractional digits: the column would round it"
+                ));
+            }
+        }
+        if let Some(chars) = self.chars {
+            let n = value.chars().count();
+            if n > chars as usize || (self.exact_chars && n != chars as usize) {
+                let what = if self.exact_chars { "exactly" } else { "at most" };
+                return Err(format!(
+                    "{value:?} is not {what} {chars} characters long: the column would cut or pad it"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A column's type and limits: what a value must satisfy to be stored exactly as written.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ColumnCheck {
+    pub ty: ColumnType,
+    pub limits: Limits,
+}
+
+impl ColumnCheck {
+    pub fn new(ty: ColumnType) -> ColumnCheck {
+        ColumnCheck {
+            ty,
+            limits: Limits::default(),
+        }
+    }
+
+    /// Nothing to check: any text fits (the database validates JSON itself).
+    pub fn is_trivial(&self) -> bool {
+        matches!(self.ty, ColumnType::Text | ColumnType::Json) && self.limits.is_none()
+    }
+
+    pub fn check(&self, value: &str) -> Result<(), String> {
+        if !self.ty.accepts(value) {
+            return Err(format!("{value:?} is not a valid {}", self.ty.describe()));
+        }
+        self.limits.check(value)
+    }
+}
+
 /// A value converted to its column's type, ready to bind (for databases that do not parse text
 /// themselves, or would store anything in any column, like SQLite).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -217,6 +295,9 @@ fn split_timestamp(value: &str) -> Option<(NaiveDateTime, &str)> {
     {
         return None;
     }
+    if &time[6..] == "60" {
+        return None; // a leap second: PostgreSQL would read it as the next minute
+    }
     let mut rest = &value[19..];
     let mut micros = 0u32;
     if let Some(frac) = rest.strip_prefix('.') {
@@ -242,11 +323,14 @@ pub fn parse_naive_timestamp(value: &str) -> Option<NaiveDateTime> {
 pub fn parse_timestamptz(value: &str) -> Option<DateTime<chrono::FixedOffset>> {
     let (_, offset) = split_timestamp(value)?;
     let o = offset.as_bytes();
+    // PostgreSQL takes offsets up to ±15:59.
     let offset_ok = offset == "Z"
         || (o.len() == 6
             && (o[0] == b'+' || o[0] == b'-')
             && o[3] == b':'
-            && [1, 2, 4, 5].iter().all(|&i| o[i].is_ascii_digit()));
+            && [1, 2, 4, 5].iter().all(|&i| o[i].is_ascii_digit())
+            && offset[1..3] <= *"15"
+            && offset[4..6] <= *"59");
     if !offset_ok {
         return None;
     }
@@ -394,6 +478,9 @@ mod tests {
             &["2026-11-01T10:00"],
             &["2026-11-01T10:00:00+0200"],
             &["9999-12-31T23:00:00-02:00"],
+            &["2026-12-31 23:59:60"],
+            &["2026-11-01T10:00:00+16:00"],
+            &["2026-11-01T10:00:00+02:60"],
             &["TRUE", "false"],
             &["True"],
             &["NaN"],
@@ -404,6 +491,33 @@ mod tests {
         assert_eq!(infer(&["99999999999999999999"]), Numeric);
         assert_eq!(infer(&["-9223372036854775808"]), Integer);
         assert_eq!(infer(&["9223372036854775808"]), Numeric);
+    }
+
+    #[test]
+    fn declared_limits_refuse_what_the_column_would_round_cut_or_pad() {
+        let scale2 = Limits {
+            scale: Some(2),
+            ..Limits::default()
+        };
+        assert!(scale2.check("1.50").is_ok() && scale2.check("7").is_ok());
+        assert!(scale2.check("1.005").is_err());
+        let seconds = Limits {
+            fraction: Some(0),
+            ..Limits::default()
+        };
+        assert!(seconds.check("2026-11-01 10:00:00").is_ok());
+        assert!(seconds.check("2026-11-01 10:00:00.7").is_err());
+        let varchar3 = Limits {
+            chars: Some(3),
+            ..Limits::default()
+        };
+        assert!(varchar3.check("abé").is_ok() && varchar3.check("abc ").is_err());
+        let char3 = Limits {
+            chars: Some(3),
+            exact_chars: true,
+            ..Limits::default()
+        };
+        assert!(char3.check("abc").is_ok() && char3.check("ab").is_err());
     }
 
     #[test]

@@ -1913,3 +1913,174 @@ async fn a_new_tables_types_come_from_its_first_file_by_key_order_whoever_is_fas
         assert_eq!(db.count("SELECT count(*) FROM t").await, 200_000);
     }
 }
+
+/// PostgreSQL's own `COPY ... TO ... (FORMAT csv, HEADER)` writes a NULL of a one-column table
+/// as a blank line; COPY reads it back as a row. The loader must not drop it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_blank_line_in_a_one_column_file_is_a_null_row_as_copy_reads_it() {
+    check_case(
+        "fid_blank_row",
+        "t/x.csv",
+        b"email\r\na@x\r\n\r\nb@y\r\n",
+        Expect::Loads {
+            columns: &["email"],
+            rows: &[&[Some("a@x")], &[None], &[Some("b@y")]],
+        },
+    )
+    .await;
+}
+
+/// Values PostgreSQL would read its own way: a leap second (the next minute) and an offset
+/// beyond ±15:59 (refused): not timestamps, so the column stays text and keeps them.
+#[tokio::test(flavor = "multi_thread")]
+async fn leap_seconds_and_impossible_offsets_stay_text_as_written() {
+    check_case(
+        "fid_leap",
+        "t/x.csv",
+        b"a,b\n2026-12-31 23:59:60,2026-11-01T10:00:00+16:00\n",
+        Expect::Loads {
+            columns: &["a", "b"],
+            rows: &[&[Some("2026-12-31 23:59:60"), Some("2026-11-01T10:00:00+16:00")]],
+        },
+    )
+    .await;
+}
+
+/// A JSON column keeps each value as the line wrote it: no merged duplicate keys, no
+/// rewritten numbers (PostgreSQL `json`, not `jsonb`).
+#[tokio::test(flavor = "multi_thread")]
+async fn json_values_are_stored_as_the_line_wrote_them() {
+    check_case(
+        "fid_json",
+        "t/x.jsonl",
+        b"{\"j\": {\"a\":1,\"a\":2,\"n\":1E2}, \"n\": 1.10}\n",
+        Expect::Loads {
+            columns: &["j", "n"],
+            rows: &[&[Some("{\"a\":1,\"a\":2,\"n\":1E2}"), Some("1.10")]],
+        },
+    )
+    .await;
+}
+
+/// Into an existing PostgreSQL table, a value its declared precision or length would round,
+/// cut or pad fails the file; values within them load.
+#[tokio::test(flavor = "multi_thread")]
+async fn declared_precision_and_length_of_an_existing_postgres_table_are_never_rounded_away() {
+    for passthrough in ["true", "false"] {
+        let db = PgDb::create(&format!("fid_limits_{passthrough}")).await;
+        sqlx::query("CREATE TABLE t (amount numeric(10,2), ts timestamp(0), code varchar(3), c char(2))")
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let incoming = dir.path().join("data/incoming/t");
+        write_old(
+            &incoming.join("a-good.csv"),
+            b"amount,ts,code,c\n1.5,2026-11-01 10:00:00,abc,xy\n",
+        );
+        write_old(&incoming.join("b-scale.csv"), b"amount\n1.005\n");
+        write_old(&incoming.join("c-seconds.csv"), b"ts\n2026-11-01 10:00:00.7\n");
+        write_old(&incoming.join("d-spaces.csv"), b"code\n\"ab  \"\n");
+        write_old(&incoming.join("e-pad.csv"), b"c\nx\n");
+        let env = kv(&[
+            ("LOADER_DATABASE__URL", db.url.as_str()),
+            ("LOADER_DATABASE__PASSTHROUGH", passthrough),
+        ]);
+        let (_, stdout, stderr) = run(dir.path(), &["once"], &env);
+        assert_eq!(
+            files_under(&dir.path().join("data/failed")),
+            [
+                "t/b-scale.csv",
+                "t/b-scale.csv.error.json",
+                "t/c-seconds.csv",
+                "t/c-seconds.csv.error.json",
+                "t/d-spaces.csv",
+                "t/d-spaces.csv.error.json",
+                "t/e-pad.csv",
+                "t/e-pad.csv.error.json"
+            ],
+            "passthrough {passthrough}\n{stdout}{stderr}"
+        );
+        for f in ["b-scale", "c-seconds", "d-spaces", "e-pad"] {
+            let report = std::fs::read_to_string(dir.path().join(format!("data/failed/t/{f}.csv.error.json"))).unwrap();
+            assert!(
+                report.contains("\"kind\": \"type\"") || report.contains("\"kind\":\"type\""),
+                "{report}"
+            );
+        }
+        assert_eq!(db.count("SELECT count(*) FROM t").await, 1);
+        assert_eq!(
+            db.count("SELECT count(*) FROM t WHERE amount = 1.5 AND code = 'abc'")
+                .await,
+            1
+        );
+    }
+}
+
+/// Into an existing SQLite table whose declared type gives a column NUMERIC affinity
+/// (`DECIMAL(10,2)`, `STRING`), SQLite would turn `1.10` into 1.1 and `08123` into 8123: such
+/// a value fails the file; integers and other text load as written.
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_columns_that_would_turn_text_into_numbers_refuse_such_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = AnyDb::sqlite(dir.path()).await;
+    if let AnyDb::Sqlite { pool, .. } = &db {
+        sqlx::query("CREATE TABLE t (amount DECIMAL(10,2), zip STRING)")
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+    let incoming = dir.path().join("data/incoming/t");
+    write_old(&incoming.join("a-good.csv"), b"amount,zip\n5,x-1\n");
+    write_old(&incoming.join("b-decimal.csv"), b"amount\n1.10\n");
+    write_old(&incoming.join("c-zip.csv"), b"zip\n08123\n");
+    let env = kv(&[("LOADER_DATABASE__URL", db.url())]);
+    let (_, stdout, stderr) = run(dir.path(), &["once"], &env);
+    assert_eq!(
+        files_under(&dir.path().join("data/failed")),
+        [
+            "t/b-decimal.csv",
+            "t/b-decimal.csv.error.json",
+            "t/c-zip.csv",
+            "t/c-zip.csv.error.json"
+        ],
+        "{stdout}{stderr}"
+    );
+    assert_eq!(db.scalar("SELECT count(*) FROM t").await, 1);
+    assert_eq!(db.text("SELECT zip FROM t").await.as_deref(), Some("x-1"));
+}
+
+/// MariaDB: upsert keys compare byte for byte (`abc` and `ABC` are two rows, as in PostgreSQL
+/// and SQLite), and a table created for timestamps with offsets takes a second such file.
+#[tokio::test(flavor = "multi_thread")]
+async fn mariadb_keeps_case_distinct_keys_apart_and_offset_timestamps_load_file_after_file() {
+    let db = MyDb::create("fid_my_keys").await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("routes.toml"),
+        "[[routes]]\nprefix = \"t/\"\nwrite_mode = \"upsert\"\nkey_columns = [\"k\"]\n",
+    )
+    .unwrap();
+    let env = kv(&[
+        ("LOADER_DATABASE__URL", db.url.as_str()),
+        ("LOADER_CONFIG", "routes.toml"),
+    ]);
+    let incoming = dir.path().join("data/incoming/t");
+    write_old(
+        &incoming.join("a.csv"),
+        b"k,v,ts\nabc,1,2026-11-01T10:00:00+02:00\nABC,2,2026-11-01T10:00:00Z\n",
+    );
+    let (status, stdout, stderr) = run(dir.path(), &["once"], &env);
+    assert!(status.success(), "{stdout}{stderr}");
+    write_old(&incoming.join("b.csv"), b"k,v,ts\nabd,3,2026-11-02T10:00:00+01:00\n");
+    let (status, stdout, stderr) = run(dir.path(), &["once"], &env);
+    assert!(status.success(), "{stdout}{stderr}");
+    assert_eq!(db.count("SELECT count(*) FROM t").await, 3);
+    assert_eq!(db.count("SELECT count(*) FROM t WHERE k = 'ABC' AND v = 2").await, 1);
+    assert_eq!(
+        db.count("SELECT count(*) FROM t WHERE ts = '2026-11-02 09:00:00'")
+            .await,
+        1,
+        "the offset, turned into UTC"
+    );
+}

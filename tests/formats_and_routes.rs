@@ -77,7 +77,7 @@ async fn formats_and_routes_work_against(db: AnyDb, dir: &Path) {
     assert_eq!(db.text(tags).await.unwrap().replace(' ', ""), "[\"t0\"]");
     if let AnyDb::Postgres(_) = &db {
         assert_eq!(
-            db.text("SELECT jsonb_typeof(tags) FROM events WHERE id = 3")
+            db.text("SELECT json_typeof(tags) FROM events WHERE id = 3")
                 .await
                 .as_deref(),
             Some("array")

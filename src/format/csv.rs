@@ -331,6 +331,13 @@ impl<R: BufRead> CsvReader<R> {
         }
     }
 
+    /// The line (1-based) the next byte is on: after a record, the line after it; at the end
+    /// of the input, one past the last line end. Lines between one record's end and the next
+    /// record's `line` are blank.
+    pub fn line(&self) -> u64 {
+        self.follower.line
+    }
+
     /// Reads the next non-blank record into `record`; `false` at the end of the input.
     /// I/O errors come back as `Err(Ok(io))`, format errors as `Err(Err(csv))`; after an error
     /// the reader is not to be read further.

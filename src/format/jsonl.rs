@@ -5,7 +5,7 @@
 //! Every value is taken as written, never through a float: a number keeps its spelling
 //! (`1.10`, `1E2`, `18446744073709551615`), a string loads as its text and makes its column text
 //! (`"08123"` is never the number 8123), `true`/`false` as those words, null or a missing key as
-//! NULL. A column that holds an object or an array in the sample is JSON (`jsonb` in
+//! NULL. A column that holds an object or an array in the sample is JSON (`json` in
 //! PostgreSQL, `JSON` in MySQL, text in SQLite), and each of its values is stored as the JSON
 //! the line wrote (a string there stays a JSON string, `"5"`, not the number 5).
 

@@ -19,7 +19,7 @@ use tokio_util::io::SyncIoBridge;
 
 pub use self::batch::Batch;
 use crate::error::{FileError, FileErrorKind, LoadError, Stage};
-use crate::schema::ColumnType;
+use crate::schema::{ColumnCheck, ColumnType};
 
 /// A batch is handed over once it holds this many rows ...
 const BATCH_ROWS: usize = 4096;
@@ -230,14 +230,14 @@ pub struct RawDecoded {
     pub has_header: bool,
     pub sample: Option<Batch>,
     chunks: mpsc::Receiver<Result<RawChunk, DecodeFailure>>,
-    types: Option<tokio::sync::oneshot::Sender<Vec<Option<ColumnType>>>>,
+    types: Option<tokio::sync::oneshot::Sender<Vec<Option<ColumnCheck>>>>,
 }
 
 impl RawDecoded {
-    /// The type of each of the file's columns in the table (`None`: text, nothing to check).
+    /// What each of the file's columns must satisfy in the table (`None`: nothing to check).
     /// Must be given before [`RawDecoded::next`]: every record is checked against it with the
     /// parser's rules while its bytes pass through.
-    pub fn check_types(&mut self, types: Vec<Option<ColumnType>>) {
+    pub fn check_types(&mut self, types: Vec<Option<ColumnCheck>>) {
         if let Some(tx) = self.types.take() {
             let _ = tx.send(types);
         }
@@ -380,7 +380,7 @@ fn pass_raw(
     mut input: Box<dyn BufRead>,
     options: &FormatOptions,
     prefix_tx: PrefixTx,
-    types_rx: tokio::sync::oneshot::Receiver<Vec<Option<ColumnType>>>,
+    types_rx: tokio::sync::oneshot::Receiver<Vec<Option<ColumnCheck>>>,
     tx: RawTx,
     classify: &dyn Fn(io::Error, &str) -> DecodeFailure,
 ) {
@@ -391,6 +391,8 @@ fn pass_raw(
             return;
         }
     };
+    // Whether the prefix is the whole file: decided before a BOM is taken off it.
+    let complete = prefix.len() < raw::PREFIX_BYTES;
     if prefix.starts_with(&[0xEF, 0xBB, 0xBF]) {
         prefix.drain(..3);
         if prefix.starts_with(&[0xEF, 0xBB, 0xBF]) {
@@ -399,7 +401,6 @@ fn pass_raw(
             return;
         }
     }
-    let complete = prefix.len() < raw::PREFIX_BYTES;
     if complete && prefix.is_empty() {
         let _ = prefix_tx.send(Ok(raw::Prefix {
             header: Vec::new(),
@@ -532,8 +533,31 @@ fn decode_csv(
     let null = options.null.as_bytes();
     let mut number = 1u64;
     let mut batch = Batch::new(width, number);
+    // A blank line in a file of one column is a record of one empty field, as COPY reads it
+    // (PostgreSQL's own CSV export writes a NULL that way); in a wider file it holds no value
+    // and is skipped. Blank lines before the header are skipped either way.
+    let blank_is_a_row = width == 1;
+    let blank_value = (!null.is_empty()).then_some(&b""[..]);
+    let mut next_line = reader.line();
+    let push_blanks = |batch: &mut Batch, number: &mut u64, from: u64, to: u64| {
+        if blank_is_a_row {
+            for line in from..to {
+                let pushed = batch.push_row(line, std::iter::once(blank_value));
+                debug_assert!(pushed.is_ok(), "an empty field is UTF-8");
+                *number += 1;
+            }
+        }
+    };
     loop {
-        match reader.read(&mut record) {
+        let read = reader.read(&mut record);
+        let blanks_to = match &read {
+            Ok(true) => record.line,
+            Ok(false) => reader.line(),
+            Err(_) => next_line,
+        };
+        push_blanks(&mut batch, &mut number, next_line, blanks_to);
+        next_line = reader.line();
+        match read {
             Ok(true) => {
                 let problem = if record.len() != width {
                     Some(format!("row has {} fields but the header has {width}", record.len()))
@@ -799,6 +823,27 @@ mod tests {
                 row(&[Some("2.5"), None, None, Some("true")])
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn a_blank_line_in_a_one_column_file_is_a_row_as_copy_reads_it() {
+        // What PostgreSQL's own `COPY ... TO ... (FORMAT csv, HEADER)` writes for a NULL.
+        let (_, rows) = decode(b"\r\nemail\r\na@x\r\n\r\nb@y\r\n\r\n".to_vec(), "x.csv")
+            .await
+            .unwrap();
+        assert_eq!(
+            rows,
+            [row(&[Some("a@x")]), row(&[None]), row(&[Some("b@y")]), row(&[None])]
+        );
+        let options = FormatOptions {
+            null: "\\N".into(),
+            ..Default::default()
+        };
+        let (_, rows) = decode_with(b"e\na\n\nb\n".to_vec(), "x.csv", options).await.unwrap();
+        assert_eq!(rows, [row(&[Some("a")]), row(&[Some("")]), row(&[Some("b")])]);
+        // Wider files: a blank line holds no value and is skipped.
+        let (_, rows) = decode(b"a,b\n1,2\n\n3,4\n\n".to_vec(), "x.csv").await.unwrap();
+        assert_eq!(rows, [row(&[Some("1"), Some("2")]), row(&[Some("3"), Some("4")])]);
     }
 
     #[tokio::test]

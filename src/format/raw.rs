@@ -10,7 +10,7 @@ use std::io::{BufRead, Read};
 
 use super::batch::Batch;
 use super::csv::{CsvReader, Record};
-use crate::schema::ColumnType;
+use crate::schema::ColumnCheck;
 
 /// How much of the file is read up front for the header and the sample.
 pub const PREFIX_BYTES: usize = 1 << 20;
@@ -102,11 +102,11 @@ pub fn parse_prefix(
 /// no NUL byte, every field UTF-8 on its own, and every value of a typed column (`types`,
 /// `None` for text) in a form that type keeps exactly. `Err` names the first problem; the
 /// parser then reads the file and reports it with its line.
-pub fn check_record(record: &Record, types: &[Option<ColumnType>], null: &[u8]) -> Result<(), &'static str> {
-    if record.len() != types.len() {
+pub fn check_record(record: &Record, checks: &[Option<ColumnCheck>], null: &[u8]) -> Result<(), &'static str> {
+    if record.len() != checks.len() {
         return Err("a row of another width than the header");
     }
-    for (i, ty) in types.iter().enumerate() {
+    for (i, check) in checks.iter().enumerate() {
         let field = record.field(i);
         if memchr::memchr(0, field).is_some() {
             return Err("a NUL byte");
@@ -114,9 +114,9 @@ pub fn check_record(record: &Record, types: &[Option<ColumnType>], null: &[u8]) 
         let Ok(text) = std::str::from_utf8(field) else {
             return Err("invalid UTF-8 in a field");
         };
-        if let Some(ty) = ty
+        if let Some(check) = check
             && (record.quoted(i) || field != null)
-            && !ty.accepts(text)
+            && check.check(text).is_err()
         {
             return Err("a value that does not fit its column's type");
         }

@@ -27,7 +27,7 @@ use crate::config::{Config, Dialect};
 use crate::error::{Attempt, FileError, FileErrorKind, LoadError, Stage};
 use crate::format::{Batch, Decoded, Mode, Stream};
 use crate::routes::{LoadSpec, METADATA_COLUMNS, MissingColumns, NewColumns};
-use crate::schema::{self, ColumnType, TypeInference};
+use crate::schema::{self, ColumnCheck, ColumnType, TypeInference};
 
 /// One version of one file: the ledger's identity.
 #[derive(Debug, Clone, Copy)]
@@ -455,21 +455,16 @@ impl Plan {
 /// Checks every value of the file's typed columns (`types` in the order of the batch's
 /// columns; any after the batch's own, such as lineage columns, are not the file's) with the one rule of [`ColumnType::accepts`], so that a database's own, looser
 /// parsing (PostgreSQL reads `007` as the integer 7) never changes a value.
-pub(crate) fn check_values(batch: &Batch, columns: &[String], types: &[ColumnType]) -> Result<(), FileError> {
-    for (c, (column, ty)) in columns.iter().zip(types).enumerate().take(batch.width()) {
-        if matches!(ty, ColumnType::Text | ColumnType::Json) {
+pub(crate) fn check_values(batch: &Batch, columns: &[String], checks: &[ColumnCheck]) -> Result<(), FileError> {
+    for (c, (column, check)) in columns.iter().zip(checks).enumerate().take(batch.width()) {
+        if check.is_trivial() {
             continue;
         }
         for r in 0..batch.len() {
             if let Some(value) = batch.get(r, c)
-                && !ty.accepts(value)
+                && let Err(message) = check.check(value)
             {
-                return Err(batch.error_at(
-                    r,
-                    column,
-                    FileErrorKind::Type,
-                    format!("{value:?} is not a valid {}", ty.describe()),
-                ));
+                return Err(batch.error_at(r, column, FileErrorKind::Type, message));
             }
         }
     }

@@ -374,6 +374,15 @@ impl MySqlSink {
             .map_err(db)?;
             tracing::info!(db.table = %table, db.column = %column, "added a column");
         }
+        // Another load may have created the table or added a column first (IF NOT EXISTS then
+        // did nothing): write with the types the table has, not the ones this load planned.
+        let plan = if plan.create.is_some() || !plan.add.is_empty() {
+            let (existing, actual) = self.table_columns(&table).await?;
+            scales = actual;
+            plan_load(&table, &file_cols, &decoded.types, existing, spec, first.as_ref())?
+        } else {
+            plan
+        };
         let width = plan.columns.len();
         let on_duplicate = if upsert {
             let updates: Vec<String> = plan
@@ -424,6 +433,14 @@ impl MySqlSink {
                 for r in start..end {
                     for (((value, ty), column), limit) in b.row(r).zip(&plan.types).zip(&plan.columns).zip(&limits) {
                         let type_error = |m: String| b.error_at(r, column, FileErrorKind::Type, m);
+                        // A DATETIME column also takes timestamps with an offset, in UTC (a
+                        // table created for them has DATETIME(6) columns, read back as such).
+                        let ty = match (ty, value) {
+                            (ColumnType::Timestamp, Some(v)) if ColumnType::TimestampTz.accepts(v) => {
+                                &ColumnType::TimestampTz
+                            }
+                            _ => ty,
+                        };
                         let value = ty.convert(value).map_err(type_error)?;
                         if let (Value::Text(t), Some((precision, scale))) = (value, limit) {
                             check_decimal(t, *precision, *scale).map_err(type_error)?;
@@ -489,8 +506,9 @@ fn sql_type(t: ColumnType, key: bool) -> &'static str {
         ColumnType::Boolean => "BOOLEAN",
         ColumnType::Date => "DATE",
         ColumnType::Timestamp | ColumnType::TimestampTz => "DATETIME(6)",
-        // A key must have a bounded length in MySQL.
-        ColumnType::Text if key => "VARCHAR(255)",
+        // A key must have a bounded length in MySQL, and compare byte for byte: the default
+        // collation would take `abc` and `ABC` (or `a` and `a `) for one key and merge them.
+        ColumnType::Text if key => "VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin",
         ColumnType::Text => "LONGTEXT",
         ColumnType::Json => "JSON",
     }

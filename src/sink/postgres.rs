@@ -15,7 +15,7 @@ use crate::config::Config;
 use crate::error::{FileError, LoadError, Stage};
 use crate::format::{Batch, Mode, RawChunk, Stream, passthrough_possible};
 use crate::routes::{LoadSpec, WriteMode};
-use crate::schema::ColumnType;
+use crate::schema::{ColumnCheck, ColumnType, Limits};
 
 pub struct PgSink {
     pool: PgPool,
@@ -24,9 +24,24 @@ pub struct PgSink {
     claims: String,
     /// Columns of the tables seen so far, to spare a catalog query per file. Refreshed when a
     /// file needs a column the cache does not know, and dropped when a load fails.
-    columns: std::sync::Mutex<std::collections::HashMap<String, Vec<(String, ColumnType)>>>,
+    columns: std::sync::Mutex<std::collections::HashMap<String, TableInfo>>,
     /// `database.passthrough`.
     passthrough: bool,
+}
+
+/// A table's columns with their types, and the limits their declarations add.
+type TableInfo = (Vec<(String, ColumnType)>, std::collections::HashMap<String, Limits>);
+
+/// What each planned column must satisfy: its type, and the limits of an existing column.
+fn checks_of(plan: &Plan, limits: &std::collections::HashMap<String, Limits>) -> Vec<ColumnCheck> {
+    plan.columns
+        .iter()
+        .zip(&plan.types)
+        .map(|(c, t)| ColumnCheck {
+            ty: *t,
+            limits: limits.get(c).copied().unwrap_or_default(),
+        })
+        .collect()
 }
 
 /// See [`super::nodelay`]: finds this connection's socket by its ports (none on a Unix socket).
@@ -485,7 +500,7 @@ impl PgSink {
         }
         let file_cols = file_columns(&decoded.header)?;
         let first = decoded.next_batch().await?;
-        let Some(plan) = self
+        let Some((plan, checks)) = self
             .plan(tx, &table, &file_cols, &decoded.types, spec, first.as_ref())
             .await?
         else {
@@ -510,7 +525,7 @@ impl PgSink {
         let mut batch = first;
         let sent: Result<(), LoadError> = async {
             while let Some(b) = batch {
-                check_values(&b, &plan.columns, &plan.types)?;
+                check_values(&b, &plan.columns, &checks)?;
                 buffer.clear();
                 encode_csv(&b, lineage.as_ref(), &mut buffer);
                 copy.send(buffer.as_slice())
@@ -561,7 +576,7 @@ impl PgSink {
         }
         let file_cols = file_columns(&raw.header)?;
         let fixed = vec![None; file_cols.len()];
-        let Some(plan) = self
+        let Some((plan, checks)) = self
             .plan(tx, table, &file_cols, &fixed, spec, raw.sample.as_ref())
             .await?
         else {
@@ -570,10 +585,10 @@ impl PgSink {
         *new_columns = plan.new_columns();
         self.prepare_table(tx, table, &plan, spec).await?;
         raw.check_types(
-            plan.types
+            checks
                 .iter()
                 .take(file_cols.len())
-                .map(|t| (!matches!(t, ColumnType::Text | ColumnType::Json)).then_some(*t))
+                .map(|c| (!c.is_trivial()).then_some(*c))
                 .collect(),
         );
         let into = self.copy_target(tx, table, spec).await?;
@@ -645,8 +660,9 @@ impl PgSink {
         Ok(Some(rows))
     }
 
-    /// The load's plan, from the cached columns when they fit, else from the catalog; `None`
-    /// for a file without rows into a table that does not exist.
+    /// The load's plan and what each of its columns must satisfy, from the cached columns when
+    /// they fit, else from the catalog; `None` for a file without rows into a table that does
+    /// not exist.
     async fn plan(
         &self,
         tx: &mut Transaction<'static, Postgres>,
@@ -655,22 +671,30 @@ impl PgSink {
         fixed: &[Option<ColumnType>],
         spec: &LoadSpec,
         sample: Option<&Batch>,
-    ) -> Result<Option<Plan>, LoadError> {
+    ) -> Result<Option<(Plan, Vec<ColumnCheck>)>, LoadError> {
         let cached = self
             .columns
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(table)
             .cloned();
-        let fitting = cached.and_then(|existing| plan_load(table, file_cols, fixed, Some(existing), spec, sample).ok());
-        if let Some(plan) = fitting.filter(|plan| plan.add.is_empty()) {
-            return Ok(Some(plan));
+        if let Some((columns, limits)) = cached
+            && let Ok(plan) = plan_load(table, file_cols, fixed, Some(columns), spec, sample)
+            && plan.add.is_empty()
+        {
+            let checks = checks_of(&plan, &limits);
+            return Ok(Some((plan, checks)));
         }
         let mut existing = self.table_columns(tx, table).await?;
-        if existing.is_none() && sample.is_some() {
-            // Creating the table: one load at a time (replicas included) per table name. The
-            // lock is the load transaction's, so a second load waits until the first commits
-            // (or rolls back, its CREATE TABLE with it) and then sees the table as it is.
+        let needs_ddl = match &existing {
+            None => sample.is_some(),
+            Some((columns, _)) => plan_load(table, file_cols, fixed, Some(columns.clone()), spec, sample)
+                .is_ok_and(|plan| !plan.add.is_empty()),
+        };
+        if needs_ddl {
+            // Creating the table or adding columns: one load at a time (replicas included) per
+            // table. The lock is the load transaction's, so a second load waits until the first
+            // commits (or rolls back, its DDL with it) and then plans against the table as it is.
             sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
                 .bind(format!("s3-sql-loader:table:{table}"))
                 .execute(&mut **tx)
@@ -681,14 +705,17 @@ impl PgSink {
         {
             let mut cache = self.columns.lock().unwrap_or_else(|p| p.into_inner());
             match &existing {
-                Some(columns) => cache.insert(table.to_string(), columns.clone()),
+                Some(info) => cache.insert(table.to_string(), info.clone()),
                 None => cache.remove(table),
             };
         }
         if sample.is_none() && existing.is_none() {
             return Ok(None);
         }
-        Ok(Some(plan_load(table, file_cols, fixed, existing, spec, sample)?))
+        let (columns, limits) = existing.map_or((None, Default::default()), |(c, l)| (Some(c), l));
+        let plan = plan_load(table, file_cols, fixed, columns, spec, sample)?;
+        let checks = checks_of(&plan, &limits);
+        Ok(Some((plan, checks)))
     }
 
     /// Forgets a table's cached columns (after DDL, or a failed load).
@@ -801,9 +828,12 @@ impl PgSink {
         &self,
         tx: &mut Transaction<'static, Postgres>,
         table: &str,
-    ) -> Result<Option<Vec<(String, ColumnType)>>, LoadError> {
-        let rows: Vec<(String, String)> = sqlx::query_as(
-            "SELECT column_name::text, data_type::text FROM information_schema.columns
+    ) -> Result<Option<TableInfo>, LoadError> {
+        type Row = (String, String, Option<i32>, Option<i32>, Option<i32>);
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT column_name::text, data_type::text, numeric_scale::int, datetime_precision::int,
+                    character_maximum_length::int
+             FROM information_schema.columns
              WHERE table_schema = current_schema() AND table_name = $1 ORDER BY ordinal_position",
         )
         .bind(table)
@@ -813,7 +843,24 @@ impl PgSink {
         if rows.is_empty() {
             return Ok(None);
         }
-        Ok(Some(rows.into_iter().map(|(name, ty)| (name, type_of(&ty))).collect()))
+        let mut limits = std::collections::HashMap::new();
+        let mut columns = Vec::with_capacity(rows.len());
+        for (name, data_type, scale, precision, chars) in rows {
+            let ty = type_of(&data_type);
+            let limit = Limits {
+                scale: scale.filter(|_| ty == ColumnType::Numeric).map(|s| s as u32),
+                fraction: precision
+                    .filter(|_| matches!(ty, ColumnType::Timestamp | ColumnType::TimestampTz))
+                    .map(|p| p as u32),
+                chars: chars.map(|n| n as u32),
+                exact_chars: data_type == "character",
+            };
+            if !limit.is_none() {
+                limits.insert(name.clone(), limit);
+            }
+            columns.push((name, ty));
+        }
+        Ok(Some((columns, limits)))
     }
 
     /// Creates the table in the load's transaction (under the lock [`PgSink::plan`] took), so
@@ -862,7 +909,9 @@ fn sql_type(t: ColumnType) -> &'static str {
         ColumnType::Timestamp => "timestamp",
         ColumnType::TimestampTz => "timestamptz",
         ColumnType::Text => "text",
-        ColumnType::Json => "jsonb",
+        // json, not jsonb: it keeps each value as the line wrote it (jsonb would merge
+        // duplicate keys, reorder them and rewrite numbers such as 1E2).
+        ColumnType::Json => "json",
     }
 }
 

@@ -296,6 +296,13 @@ impl SqliteSink {
             .fetch_all(&mut **tx)
             .await
             .map_err(db)?;
+        // Columns whose declared type gives them NUMERIC affinity (`DECIMAL(10,2)`, `NUMBER`,
+        // `STRING`, ...) but no type of the loader's: SQLite turns number-like text into a number.
+        let converting: Vec<String> = existing
+            .iter()
+            .filter(|(_, t)| affinity(t) == ColumnType::Text && numeric_affinity(t))
+            .map(|(n, _)| n.to_ascii_lowercase())
+            .collect();
         let existing = (!existing.is_empty()).then(|| {
             existing
                 .into_iter()
@@ -394,6 +401,20 @@ impl SqliteSink {
                 let mut query = sqlx::query(AssertSqlSafe(sql));
                 for r in start..end {
                     for ((value, ty), column) in b.row(r).zip(&plan.types).zip(&plan.columns) {
+                        if let Some(v) = value
+                            && would_become_a_number(v)
+                            && converting.contains(column)
+                        {
+                            return Err(b.error_at(
+                                r,
+                                column,
+                                FileErrorKind::Type,
+                                format!(
+                                    "{v:?} would be stored as a number, not as written (the column's declared type gives it NUMERIC affinity in SQLite; declare it TEXT to keep values as written)"
+                                ),
+                            )
+                            .into());
+                        }
                         let value = ty
                             .convert(value)
                             .map_err(|m| b.error_at(r, column, FileErrorKind::Type, m))?;
@@ -443,6 +464,37 @@ fn sql_type(t: ColumnType) -> &'static str {
     }
 }
 
+/// Whether SQLite gives a column of this declared type NUMERIC affinity (none of INT, CHAR,
+/// CLOB, TEXT, BLOB, REAL, FLOA, DOUB in it, and not empty): number-like text becomes a number.
+fn numeric_affinity(declared: &str) -> bool {
+    let d = declared.to_ascii_uppercase();
+    !d.is_empty()
+        && !["INT", "CHAR", "CLOB", "TEXT", "BLOB", "REAL", "FLOA", "DOUB"]
+            .iter()
+            .any(|s| d.contains(s))
+}
+
+/// Text SQLite would store as a number in a NUMERIC column, unless the number prints back as
+/// the same text (a plain integer): an integer or real literal, spaces around it allowed.
+fn would_become_a_number(value: &str) -> bool {
+    if crate::schema::is_canonical_integer(value) {
+        return false;
+    }
+    let t = value.trim_matches(|c: char| c.is_ascii_whitespace());
+    let t = t.strip_prefix(['+', '-']).unwrap_or(t);
+    let (mantissa, exponent) = match t.find(['e', 'E']) {
+        Some(i) => (&t[..i], Some(&t[i + 1..])),
+        None => (t, None),
+    };
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    let exponent_ok = exponent.is_none_or(|e| {
+        let e = e.strip_prefix(['+', '-']).unwrap_or(e);
+        !e.is_empty() && digits(e)
+    });
+    !(int.is_empty() && frac.is_empty()) && digits(int) && digits(frac) && exponent_ok
+}
+
 /// The loader's type for a declared SQLite column type (SQLite's affinity rules, refined).
 fn affinity(declared: &str) -> ColumnType {
     let d = declared.to_ascii_uppercase();
@@ -462,5 +514,22 @@ fn affinity(declared: &str) -> ColumnType {
         ColumnType::Date
     } else {
         ColumnType::Text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn values_sqlite_would_turn_into_numbers_are_spotted() {
+        for number in ["1.10", "007", "+5", " 5", "1e3", ".5", "5.", "-0", "3.0"] {
+            assert!(super::would_become_a_number(number), "{number}");
+        }
+        for kept in ["5", "-12", "08123x", "abc", "1-02-03", "", ".", "e5", "0x10", "NaN"] {
+            assert!(!super::would_become_a_number(kept), "{kept}");
+        }
+        assert!(super::numeric_affinity("DECIMAL(10,2)") && super::numeric_affinity("STRING"));
+        assert!(
+            !super::numeric_affinity("TEXT") && !super::numeric_affinity("VARCHAR(5)") && !super::numeric_affinity("")
+        );
     }
 }
