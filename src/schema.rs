@@ -2,7 +2,7 @@
 //! Names from files are never spliced into SQL unless [`is_safe_identifier`] accepts them; they
 //! are then lowercased (as unquoted SQL would fold them) and quoted.
 
-use chrono::{DateTime, Datelike, NaiveDate, NaiveDateTime, Timelike};
+use chrono::{DateTime, Datelike, NaiveDate, NaiveDateTime, TimeZone};
 
 /// At most this many rows are looked at to infer the types of a new table.
 pub const INFERENCE_SAMPLE_ROWS: usize = 1000;
@@ -186,7 +186,10 @@ impl ColumnType {
         let Some(value) = value else { return Ok(Value::Null) };
         let mismatch = || format!("{value:?} is not a valid {}", self.describe());
         Ok(match self {
-            ColumnType::Integer if self.accepts(value) => Value::Integer(value.parse().map_err(|_| mismatch())?),
+            // Canonical digits, then one parse (which also checks the 64-bit range).
+            ColumnType::Integer if canonical_digits(value.strip_prefix('-').unwrap_or(value)) && value != "-0" => {
+                Value::Integer(value.parse().map_err(|_| mismatch())?)
+            }
             ColumnType::Float => Value::Float(parse_float(value).ok_or_else(mismatch)?),
             ColumnType::Boolean => Value::Boolean(parse_bool(value).ok_or_else(mismatch)?),
             ColumnType::Json => {
@@ -272,10 +275,20 @@ pub fn parse_iso_date(value: &str) -> Option<NaiveDate> {
         && b.iter()
             .enumerate()
             .all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit());
-    if !shape || &value[..4] == "0000" {
+    if !shape {
         return None;
     }
-    NaiveDate::parse_from_str(value, "%Y-%m-%d").ok()
+    // Digits only, checked above: no format parser needed (this runs for every value).
+    let year = digits(&b[..4]) as i32;
+    if year == 0 {
+        return None;
+    }
+    NaiveDate::from_ymd_opt(year, digits(&b[5..7]), digits(&b[8..10]))
+}
+
+/// The number ASCII digits spell (callers check they are digits).
+fn digits(b: &[u8]) -> u32 {
+    b.iter().fold(0, |n, d| n * 10 + u32::from(d - b'0'))
 }
 
 /// `YYYY-MM-DD[T ]HH:MM:SS[.f{1,6}]`, the rest of the text after the seconds returned.
@@ -308,8 +321,7 @@ fn split_timestamp(value: &str) -> Option<(NaiveDateTime, &str)> {
         micros = frac[..n].parse::<u32>().ok()? * 10u32.pow(6 - n as u32);
         rest = &frac[n..];
     }
-    let hms = chrono::NaiveTime::parse_from_str(time, "%H:%M:%S").ok()?;
-    let time = hms.with_nanosecond(micros * 1000)?;
+    let time = chrono::NaiveTime::from_hms_micro_opt(digits(&t[..2]), digits(&t[3..5]), digits(&t[6..8]), micros)?;
     Some((date.and_time(time), rest))
 }
 
@@ -321,7 +333,7 @@ pub fn parse_naive_timestamp(value: &str) -> Option<NaiveDateTime> {
 
 /// An ISO 8601 timestamp with `Z` or a `±HH:MM` offset; its UTC instant within years 0001-9999.
 pub fn parse_timestamptz(value: &str) -> Option<DateTime<chrono::FixedOffset>> {
-    let (_, offset) = split_timestamp(value)?;
+    let (local, offset) = split_timestamp(value)?;
     let o = offset.as_bytes();
     // PostgreSQL takes offsets up to ±15:59.
     let offset_ok = offset == "Z"
@@ -334,7 +346,15 @@ pub fn parse_timestamptz(value: &str) -> Option<DateTime<chrono::FixedOffset>> {
     if !offset_ok {
         return None;
     }
-    let parsed = DateTime::parse_from_rfc3339(&value.replacen(' ', "T", 1)).ok()?;
+    let seconds = if offset == "Z" {
+        0
+    } else {
+        let sign = if o[0] == b'-' { -1 } else { 1 };
+        sign * (digits(&o[1..3]) * 3600 + digits(&o[4..6]) * 60) as i32
+    };
+    let parsed = chrono::FixedOffset::east_opt(seconds)?
+        .from_local_datetime(&local)
+        .single()?;
     let year = parsed.naive_utc().year();
     (1..=9999).contains(&year).then_some(parsed)
 }
@@ -518,6 +538,33 @@ mod tests {
             ..Limits::default()
         };
         assert!(char3.check("abc").is_ok() && char3.check("ab").is_err());
+    }
+
+    #[test]
+    fn timestamps_parse_to_their_instant() {
+        let t = parse_timestamptz("2026-11-01 10:00:00.25-03:30").unwrap();
+        assert_eq!(t.naive_utc().to_string(), "2026-11-01 13:30:00.250");
+        assert_eq!(
+            parse_timestamptz("2026-11-01T10:00:00Z")
+                .unwrap()
+                .naive_utc()
+                .to_string(),
+            "2026-11-01 10:00:00"
+        );
+        assert!(
+            parse_timestamptz("0001-01-01T00:30:00+01:00").is_none(),
+            "year 0 in UTC"
+        );
+        assert_eq!(
+            parse_naive_timestamp("2026-02-28T23:59:59.000001").unwrap().to_string(),
+            "2026-02-28 23:59:59.000001"
+        );
+        assert!(
+            parse_naive_timestamp("2026-02-29 00:00:00").is_none(),
+            "not a leap year"
+        );
+        assert!(parse_naive_timestamp("2026-01-01 24:00:00").is_none());
+        assert_eq!(parse_iso_date("0001-01-01").unwrap().to_string(), "0001-01-01");
     }
 
     #[test]

@@ -24,7 +24,7 @@ use crate::config::Config;
 use crate::error::{FileError, FileErrorKind, LoadError, Stage};
 use crate::format::{Mode, Stream};
 use crate::routes::{LoadSpec, WriteMode};
-use crate::schema::{ColumnType, Value, decimal_scale};
+use crate::schema::{ColumnType, INFERENCE_SAMPLE_ROWS, Value, decimal_scale};
 
 /// MySQL's limit on placeholders in one statement.
 const MAX_PARAMS: usize = 65_535;
@@ -318,11 +318,14 @@ impl MySqlSink {
         for (column, ty) in created.chain(plan.add.iter().map(|(c, t)| (c, t))) {
             if *ty == ColumnType::Numeric {
                 let i = plan.columns.iter().position(|c| c == column).unwrap_or(0);
+                // The rows inference looked at, and no more.
                 let mut sample_scales = first
                     .iter()
-                    .flat_map(|b| (0..b.len()).filter_map(move |r| b.get(r, i)))
+                    .flat_map(|b| (0..b.len().min(INFERENCE_SAMPLE_ROWS)).filter_map(move |r| b.get(r, i)))
                     .map(decimal_scale);
-                let scale = sample_scales.next().unwrap_or(0);
+                let Some(scale) = sample_scales.next() else {
+                    continue; // no value to take a scale from (a declared type): text keeps any
+                };
                 if sample_scales.all(|s| s == scale) && scale <= 30 {
                     scales.insert(column.clone(), (65, scale));
                 }

@@ -402,8 +402,9 @@ impl SqliteSink {
                 for r in start..end {
                     for ((value, ty), column) in b.row(r).zip(&plan.types).zip(&plan.columns) {
                         if let Some(v) = value
-                            && would_become_a_number(v)
+                            && !converting.is_empty()
                             && converting.contains(column)
+                            && would_become_a_number(v)
                         {
                             return Err(b.error_at(
                                 r,
