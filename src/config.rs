@@ -29,6 +29,9 @@ pub struct Config {
     pub retry: RetryConfig,
     pub claim: ClaimConfig,
     pub health: HealthConfig,
+    /// Bounds on what one file may make the loader read or hold (invariant 8: no single input
+    /// stops the pipeline).
+    pub limits: LimitsConfig,
     /// `[[routes]]`: key prefix or glob → table, format and load options.
     pub routes: Vec<crate::routes::RouteConfig>,
     /// Amazon Redshift's COPY settings (for `redshift://` database URLs).
@@ -51,6 +54,7 @@ impl Default for Config {
             retry: RetryConfig::default(),
             claim: ClaimConfig::default(),
             health: HealthConfig::default(),
+            limits: LimitsConfig::default(),
             routes: Vec::new(),
             redshift: Default::default(),
         }
@@ -326,6 +330,87 @@ impl Default for HealthConfig {
     }
 }
 
+/// Bounds on one file, checked while it is read, so that no file can make the loader hold
+/// more than a known amount of memory or decompress without end. A file over a limit goes to
+/// `failed/` with a report of kind `limit` naming the key and its value; it is never retried.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Bytes of one CSV record (from the end of the previous one, so blank lines before it
+    /// count) or of one JSON line. The reader holds about this much of a record at most.
+    pub record_bytes: u64,
+    /// Bytes of one CSV field (after unquoting). At most `record_bytes`.
+    pub field_bytes: u64,
+    /// Fields of one CSV record, the header included (checked while it is read); columns of a
+    /// JSON lines file. At most 1600, the most columns a table gets.
+    pub columns: u64,
+    /// Keys of one JSON object (checked while it is parsed).
+    pub json_keys: u64,
+    /// Bytes a gzip or zstd file may decompress to; 0: no limit.
+    pub decompressed_bytes: u64,
+    /// Decompressed bytes per compressed byte read, checked once 1 MiB has come out (so a tiny
+    /// file is not judged on noise); 0: no limit. gzip cannot exceed about 1032.
+    pub compression_ratio: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            // Why 16 MiB: a load holds a few records' worth (the reader's buffer, batches in
+            // flight), and workers.concurrency loads run at once in a pod of 256 MiB.
+            record_bytes: 16 << 20,
+            // Room for an 8 MiB value (a document or a blob in a CSV field) and its quoting.
+            field_bytes: 10 << 20,
+            columns: crate::sink::MAX_COLUMNS as u64,
+            json_keys: crate::sink::MAX_COLUMNS as u64,
+            decompressed_bytes: 64 << 30,
+            compression_ratio: 1000,
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// The limits as the readers take them (see [`crate::format::InputLimits`]).
+    pub fn input_limits(&self) -> crate::format::InputLimits {
+        let size = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
+        crate::format::InputLimits {
+            record_bytes: size(self.record_bytes),
+            field_bytes: size(self.field_bytes),
+            columns: size(self.columns),
+            json_keys: size(self.json_keys),
+            decompressed_bytes: self.decompressed_bytes,
+            compression_ratio: self.compression_ratio,
+        }
+    }
+
+    fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if !(1 << 10..=1 << 30).contains(&self.record_bytes) {
+            problems.push(format!(
+                "limits.record_bytes: must be between 1024 (1 KiB) and 1073741824 (1 GiB), got {}",
+                self.record_bytes
+            ));
+        }
+        if self.field_bytes == 0 || self.field_bytes > self.record_bytes {
+            problems.push(format!(
+                "limits.field_bytes: must be between 1 and limits.record_bytes ({}), got {}",
+                self.record_bytes, self.field_bytes
+            ));
+        }
+        let max_columns = crate::sink::MAX_COLUMNS as u64;
+        if !(1..=max_columns).contains(&self.columns) {
+            problems.push(format!(
+                "limits.columns: must be between 1 and {max_columns} (the most columns a table gets), got {}",
+                self.columns
+            ));
+        }
+        if self.json_keys == 0 {
+            problems.push("limits.json_keys: must be at least 1".into());
+        }
+        problems
+    }
+}
+
 /// CloudWatch custom metrics, published at every tick.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -491,6 +576,7 @@ impl Config {
         if self.cloudwatch.dimensions.len() > 30 {
             problems.push("cloudwatch.dimensions: at most 30 dimensions".into());
         }
+        problems.extend(self.limits.problems());
         if problems.is_empty() {
             Ok(self)
         } else {
@@ -696,6 +782,41 @@ mod tests {
                 "workers.concurrency",
                 "csv.delimiter",
                 "http.listen"
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_limits_are_each_named_with_what_is_accepted() {
+        let limits = Config::default().limits.input_limits();
+        assert_eq!(
+            (
+                limits.record_bytes,
+                limits.field_bytes,
+                limits.columns,
+                limits.json_keys
+            ),
+            (16 << 20, 10 << 20, 1600, 1600)
+        );
+        let mut c = Config::default();
+        c.limits.record_bytes = 100;
+        c.limits.field_bytes = 0;
+        c.limits.columns = 5000;
+        c.limits.json_keys = 0;
+        let keys: Vec<String> = c
+            .validated()
+            .unwrap_err()
+            .problems
+            .iter()
+            .map(|p| p.split(':').next().unwrap_or_default().to_string())
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "limits.record_bytes",
+                "limits.field_bytes",
+                "limits.columns",
+                "limits.json_keys"
             ]
         );
     }

@@ -55,6 +55,9 @@ pub enum FileErrorKind {
     Source,
     /// Transient errors every time, `retry.max_attempts` times.
     RetriesExhausted,
+    /// Over one of the `[limits]` (a record, field or JSON line too long, too many columns or
+    /// keys, a file that decompresses too far); the message names the key and its value.
+    Limit,
 }
 
 impl FileErrorKind {
@@ -68,13 +71,14 @@ impl FileErrorKind {
             FileErrorKind::Database => "database",
             FileErrorKind::Source => "source",
             FileErrorKind::RetriesExhausted => "retries_exhausted",
+            FileErrorKind::Limit => "limit",
         }
     }
 
     /// Where in a file's journey this kind of error shows up.
     pub fn stage(self) -> Stage {
         match self {
-            FileErrorKind::Decode => Stage::Decode,
+            FileErrorKind::Decode | FileErrorKind::Limit => Stage::Decode,
             FileErrorKind::Source | FileErrorKind::RetriesExhausted => Stage::Get,
             _ => Stage::Database,
         }
@@ -186,5 +190,39 @@ impl LoadError {
 impl From<FileError> for LoadError {
     fn from(e: FileError) -> Self {
         LoadError::Permanent(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every kind, for the consistency checks below (a new kind must be added here).
+    const KINDS: [FileErrorKind; 8] = [
+        FileErrorKind::Decode,
+        FileErrorKind::UnsafeName,
+        FileErrorKind::Schema,
+        FileErrorKind::Type,
+        FileErrorKind::Database,
+        FileErrorKind::Source,
+        FileErrorKind::RetriesExhausted,
+        FileErrorKind::Limit,
+    ];
+
+    #[test]
+    fn every_kind_has_one_name_in_reports_metrics_and_the_readme() {
+        let readme = include_str!("../README.md");
+        let metric = readme
+            .lines()
+            .find(|l| l.contains("s3_sql_loader_errors_total{kind,stage}"))
+            .expect("the README documents s3_sql_loader_errors_total");
+        for kind in KINDS {
+            assert_eq!(serde_json::to_value(kind).unwrap(), kind.as_str());
+            assert!(
+                metric.contains(&format!("`{}`", kind.as_str())),
+                "README's errors_total row lacks `{}`",
+                kind.as_str()
+            );
+        }
     }
 }

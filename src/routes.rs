@@ -200,6 +200,7 @@ impl Routes {
             null: config.csv.null.clone(),
             header: true,
             columns: Vec::new(),
+            limits: config.limits.input_limits(),
         };
         Routes {
             routes: config
@@ -261,6 +262,7 @@ impl Routes {
             null: r.null.clone().unwrap_or_else(|| self.defaults.null.clone()),
             header: r.header.unwrap_or(true),
             columns: r.columns.iter().map(|c| schema::normalize(c)).collect(),
+            limits: self.defaults.limits,
         };
         LoadSpec {
             table,
@@ -357,6 +359,25 @@ mod tests {
         assert_eq!(p.key_columns, ["id"]);
         let d = routes.resolve("orders/a.csv");
         assert_eq!((d.table.unwrap(), d.write_mode), ("orders".into(), WriteMode::Append));
+    }
+
+    #[test]
+    fn every_file_gets_the_configured_limits_whatever_its_route() {
+        let mut config = Config {
+            routes: vec![RouteConfig {
+                prefix: Some("partner/".into()),
+                format: Some(Format::Jsonl),
+                ..Default::default()
+            }],
+            ..Config::default()
+        };
+        config.limits.record_bytes = 4096;
+        config.limits.json_keys = 7;
+        let routes = Routes::new(&config);
+        for key in ["partner/a.jsonl", "orders/a.csv.gz"] {
+            let limits = routes.resolve(key).format.limits;
+            assert_eq!((limits.record_bytes, limits.json_keys), (4096, 7), "{key}");
+        }
     }
 
     #[test]

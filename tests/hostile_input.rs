@@ -1,11 +1,13 @@
 //! Odd and hostile input: each file gets a correct load or a clear report, never a crash, a
 //! hang, or rows outside its file. The real binary into SQLite, from a local folder and from
-//! moto (for odd S3 keys).
+//! moto (for odd S3 keys). Files built to exhaust memory each fail on their `[limits]` key
+//! while the loader's peak memory is measured.
 
 mod common;
 
 use std::io::Write;
 use std::path::Path;
+use std::process::Command;
 
 use common::*;
 use sqlx::sqlite::SqlitePool;
@@ -33,8 +35,9 @@ async fn every_kind_of_broken_file_gets_a_report_and_leaves_nothing_behind() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let incoming = d.join("data/incoming");
-    // A good file first, so the bad ones meet an existing table.
-    write_old(&incoming.join("orders/good.csv"), orders_csv(1, 5).as_bytes());
+    // A good file first (by key order: the first file of a new table creates it, and with
+    // `once` the others wait behind it), so the bad ones meet an existing table.
+    write_old(&incoming.join("orders/a_good.csv"), orders_csv(1, 5).as_bytes());
     let wide: String = (0..2000).map(|i| format!("c{i}")).collect::<Vec<_>>().join(",");
     write_old(
         &incoming.join("wide/w.csv"),
@@ -57,10 +60,18 @@ async fn every_kind_of_broken_file_gets_a_report_and_leaves_nothing_behind() {
         "{stdout}"
     );
 
+    // Stopped while its header is read, at the 1601st field (see the tests of the limits below).
     let wide = report(d, "wide/w.csv");
-    assert_eq!(wide["error"]["kind"], "schema");
+    assert_eq!(
+        (wide["error"]["kind"].as_str(), wide["error"]["line"].as_u64()),
+        (Some("limit"), Some(1)),
+        "{wide}"
+    );
     assert!(
-        wide["error"]["message"].as_str().unwrap().contains("2000 columns"),
+        wide["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("limits.columns = 1600"),
         "{wide}"
     );
     let utf8 = report(d, "orders/utf8.csv");
@@ -214,4 +225,215 @@ async fn odd_s3_keys_load_and_keep_their_exact_names() {
         .await
         .unwrap();
     assert_eq!(distinct, names.len() as i64 * 3);
+}
+
+/// The loader's peak resident memory may not pass this in any hostile case (a quarter of the
+/// 256 MiB a Kubernetes pod of the loader gets).
+const PEAK_RSS_LIMIT_KIB: i64 = 64 * 1024;
+
+/// What the helper process prints before its JSON result.
+const PROBE_MARK: &str = "PEAK_RSS_PROBE ";
+
+/// One `s3-sql-loader once` in `dir` (embedded default: local folder and SQLite), run from a
+/// helper process; returns its exit code, its output, and its peak RSS in KiB.
+///
+/// Why a helper process: `getrusage(RUSAGE_CHILDREN)` gives the largest peak RSS of all the
+/// children the calling process has waited for, and this test binary runs many loaders at once
+/// (one per test); and Linux counts in a child's peak the memory it shared with its parent
+/// before it called exec (std spawns with vfork semantics), so a parent that has grown counts
+/// too. The helper is this test binary run again for [`peak_rss_probe`] alone: a small process
+/// whose only child is the loader, so its `RUSAGE_CHILDREN` peak is the loader's (give or take
+/// the helper's own few MiB, which only make the figure larger). `/usr/bin/time -f %M` would
+/// measure the same way, but is not on every machine.
+fn once_with_peak_rss(dir: &Path) -> (Option<i32>, String, String, i64) {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["peak_rss_probe", "--exact", "--nocapture", "--test-threads=1"])
+        .env("RSS_PROBE_DIR", dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find_map(|l| l.split_once(PROBE_MARK).map(|(_, json)| json))
+        .unwrap_or_else(|| panic!("the probe said: {stdout}{}", String::from_utf8_lossy(&out.stderr)));
+    let result: serde_json::Value = serde_json::from_str(line).unwrap();
+    (
+        result["code"].as_i64().map(|c| c as i32),
+        result["stdout"].as_str().unwrap_or_default().to_string(),
+        result["stderr"].as_str().unwrap_or_default().to_string(),
+        result["peak_kib"].as_i64().unwrap(),
+    )
+}
+
+/// Not a test of its own: the helper process of [`once_with_peak_rss`], which does nothing
+/// unless `RSS_PROBE_DIR` names the folder to run the loader in.
+#[test]
+fn peak_rss_probe() {
+    let Some(dir) = std::env::var_os("RSS_PROBE_DIR") else {
+        return;
+    };
+    let (status, stdout, stderr) = run(Path::new(&dir), &["once"], &[]);
+    // SAFETY: `rusage` is plain data, valid when zeroed; getrusage only writes into it.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) }, 0);
+    let result = serde_json::json!({
+        "code": status.code(),
+        "stdout": stdout,
+        "stderr": stderr,
+        "peak_kib": usage.ru_maxrss, // KiB on Linux
+    });
+    println!("{PROBE_MARK}{result}");
+}
+
+/// Writes `total` bytes of `chunk` repeated into `out`: a big hostile file costs the test no memory.
+fn write_repeated(out: &mut impl Write, chunk: &[u8], total: usize) {
+    let mut left = total;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        out.write_all(&chunk[..n]).unwrap();
+        left -= n;
+    }
+}
+
+/// Creates `incoming/KEY` (with an old modification time), written through `fill`.
+fn write_hostile(dir: &Path, key: &str, fill: impl FnOnce(&mut std::io::BufWriter<std::fs::File>)) -> u64 {
+    let path = dir.join("data/incoming").join(key);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+    fill(&mut out);
+    let file = out.into_inner().unwrap();
+    file.set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(60))
+        .unwrap();
+    file.metadata().unwrap().len()
+}
+
+/// Runs `once` on the hostile file at `key` beside a good file, and checks that the hostile one
+/// failed on `limit` (a report of kind `limit` naming it), the good one loaded, and the loader
+/// stayed under [`PEAK_RSS_LIMIT_KIB`]. Returns the peak, in KiB.
+async fn assert_fails_on_its_limit_in_bounded_memory(dir: &Path, key: &str, limit: &str) -> i64 {
+    write_old(&dir.join("data/incoming/orders/good.csv"), orders_csv(1, 5).as_bytes());
+    let (code, stdout, stderr, peak_kib) = once_with_peak_rss(dir);
+    assert_eq!(code, Some(1), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("loaded 1 (5 rows)") && stdout.contains("failed 1"),
+        "{stdout}{stderr}"
+    );
+    let report = report(dir, key);
+    assert_eq!(report["error"]["kind"], "limit", "{report}");
+    let message = report["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains(limit), "{limit} not named: {report}");
+    assert_eq!(
+        files_under(&dir.join("data/failed")),
+        [key.to_string(), format!("{key}.error.json")]
+    );
+    assert_eq!(files_under(&dir.join("data/processed")), ["orders/good.csv"]);
+    let db = sqlite(dir).await;
+    assert_eq!(
+        tables(&db).await,
+        ["orders", "s3_sql_loader_files"],
+        "nothing of the hostile file"
+    );
+    let size = std::fs::metadata(dir.join("data/failed").join(key)).unwrap().len();
+    eprintln!("{key} ({size} bytes): {message}; loader peak RSS {peak_kib} KiB");
+    assert!(
+        peak_kib < PEAK_RSS_LIMIT_KIB,
+        "{key}: the loader's peak RSS was {peak_kib} KiB, over {PEAK_RSS_LIMIT_KIB} KiB"
+    );
+    peak_kib
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_400_mb_line_in_a_small_gzip_fails_on_field_bytes_in_bounded_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = write_hostile(dir.path(), "t/x.csv.gz", |out| {
+        let mut gz = flate2::write::GzEncoder::new(out, flate2::Compression::default());
+        gz.write_all(b"a\n").unwrap();
+        write_repeated(&mut gz, &vec![b'x'; 1 << 20], 400_000_000);
+        gz.write_all(b"\n").unwrap();
+        gz.finish().unwrap();
+    });
+    assert!(size < 1 << 20, "{size} bytes");
+    assert_fails_on_its_limit_in_bounded_memory(dir.path(), "t/x.csv.gz", "limits.field_bytes = 10485760").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_header_of_20_million_commas_fails_on_columns_in_bounded_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = write_hostile(dir.path(), "t/commas.csv.gz", |out| {
+        let mut gz = flate2::write::GzEncoder::new(out, flate2::Compression::default());
+        write_repeated(&mut gz, &vec![b','; 1 << 20], 20_000_000);
+        gz.write_all(b"\n1\n").unwrap();
+        gz.finish().unwrap();
+    });
+    assert!(size < 100_000, "{size} bytes");
+    assert_fails_on_its_limit_in_bounded_memory(dir.path(), "t/commas.csv.gz", "limits.columns = 1600").await;
+    assert_eq!(report(dir.path(), "t/commas.csv.gz")["error"]["line"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_json_line_of_300_000_keys_fails_on_json_keys_in_bounded_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    write_hostile(dir.path(), "t/keys.jsonl", |out| {
+        out.write_all(b"{\"k0\": 0").unwrap();
+        for i in 1..300_000 {
+            write!(out, ", \"k{i}\": {i}").unwrap();
+        }
+        out.write_all(b"}\n{\"k0\": 1}\n").unwrap();
+    });
+    assert_fails_on_its_limit_in_bounded_memory(dir.path(), "t/keys.jsonl", "limits.json_keys = 1600").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_zstd_file_that_expands_without_bound_fails_on_compression_ratio_in_bounded_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut row = vec![b'x'; 1024];
+    row[1023] = b'\n';
+    let size = write_hostile(dir.path(), "t/bomb.csv.zst", |out| {
+        let mut zst = zstd::stream::write::Encoder::new(out, 3).unwrap();
+        zst.write_all(b"a\n").unwrap();
+        write_repeated(&mut zst, &row.repeat(1024), 256 << 20);
+        zst.finish().unwrap();
+    });
+    assert!(size < 100_000, "{size} bytes");
+    assert_fails_on_its_limit_in_bounded_memory(dir.path(), "t/bomb.csv.zst", "limits.compression_ratio = 1000").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn limits_set_in_the_environment_apply_and_bad_ones_stop_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_old(&d.join("data/incoming/orders/good.csv"), orders_csv(1, 5).as_bytes());
+    write_old(
+        &d.join("data/incoming/notes/long.csv"),
+        format!("id,body\n1,{}\n", "y".repeat(2000)).as_bytes(),
+    );
+    let env = kv(&[("LOADER_LIMITS__FIELD_BYTES", "1000")]);
+    let (status, stdout, stderr) = run(d, &["once"], &env);
+    assert_eq!(status.code(), Some(1), "{stdout}{stderr}");
+    assert!(stdout.contains("loaded 1 (5 rows)"), "{stdout}");
+    let long = report(d, "notes/long.csv");
+    assert_eq!(long["error"]["kind"], "limit", "{long}");
+    assert_eq!(long["error"]["line"], 2, "{long}");
+    assert!(
+        long["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("limits.field_bytes = 1000"),
+        "{long}"
+    );
+
+    let env = kv(&[
+        ("LOADER_LIMITS__COLUMNS", "0"),
+        ("LOADER_LIMITS__FIELD_BYTES", "99999999999"),
+    ]);
+    let (status, _, stderr) = run(d, &["check"], &env);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("limits.columns: must be between 1 and 1600"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("limits.field_bytes: must be between 1 and limits.record_bytes"),
+        "{stderr}"
+    );
 }

@@ -13,6 +13,13 @@
 //! is the input's buffer plus room for the largest record (at most twice its size), and the
 //! input is never read ahead further; [`Record`]'s buffers are reused from record to record.
 //!
+//! The record being read is bounded by [`InputLimits`], checked after every step of `csv-core`
+//! (at most one input buffer or 64 KiB of output), so a runaway field, record or header fails
+//! while it is read and the reader never holds much more than `record_bytes` of it (its buffer
+//! stops doubling there) or `columns` field ends: `field_bytes` (a field's unquoted bytes),
+//! `record_bytes` (the input bytes the record spans, from the end of the one before, so blank
+//! lines before it count too) and `columns` (fields of any record, the header included).
+//!
 //! What the reader does with the inputs where readers disagree (`csv-core` alone, this reader,
 //! and PostgreSQL's COPY, which the passthrough (`format/raw.rs`) feeds directly and which the
 //! differential tests use as the oracle):
@@ -43,6 +50,8 @@
 use std::io::{self, BufRead};
 
 use csv_core::{ReadRecordResult, Terminator};
+
+use super::InputLimits;
 
 const BOM: [u8; 3] = [0xEF, 0xBB, 0xBF];
 /// Output room reserved at a time: `csv-core` unescapes into it, and never writes more bytes
@@ -99,24 +108,29 @@ impl Record {
     }
 
     /// Makes room after the record's bytes (at least `at_least` bytes) and after its field
-    /// ends (at least one).
-    fn make_room(&mut self, at_least: usize) {
+    /// ends (at least one). Room doubles, but not past `max_bytes` (plus a step) and
+    /// `max_fields` (plus one): the reader stops a record that gets there.
+    fn make_room(&mut self, at_least: usize, max_bytes: usize, max_fields: usize) {
         if self.buf.len() - self.used < at_least {
-            let size = (self.used + at_least).max(2 * self.buf.len());
+            let cap = max_bytes.saturating_add(OUTPUT_STEP);
+            let size = (self.used + at_least).max((2 * self.buf.len()).min(cap));
             self.buf.resize(size, 0);
         }
         if self.ends.len() == self.fields {
-            let size = (2 * self.ends.len()).max(16);
+            let cap = max_fields.saturating_add(1);
+            let size = (self.fields + 1).max((2 * self.ends.len()).max(16).min(cap));
             self.ends.resize(size, 0);
         }
     }
 }
 
-/// A malformed file: what and where.
+/// A malformed file, or one over a limit: what and where.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CsvError {
     pub message: String,
     pub line: u64,
+    /// Over one of the [`InputLimits`] (the message names it), rather than malformed.
+    pub limit: bool,
 }
 
 /// Where the reader is in the record being read, as followed from the bytes `csv-core` consumed.
@@ -228,6 +242,7 @@ impl Follower {
                                 b as char
                             ),
                             line: self.line,
+                            limit: false,
                         });
                     }
                 }
@@ -242,6 +257,7 @@ impl Follower {
                     return Err(CsvError {
                         message: format!("a quoted field opened on line {} is never closed", self.quote_line),
                         line: self.quote_line,
+                        limit: false,
                     });
                 }
             }
@@ -280,6 +296,7 @@ impl Follower {
         CsvError {
             message: "internal error: the CSV reader lost track of the fields".into(),
             line: self.line,
+            limit: false,
         }
     }
 }
@@ -298,12 +315,13 @@ pub struct CsvReader<R> {
     head_end: usize,
     /// `csv-core` has been given input.
     core_fed: bool,
+    limits: InputLimits,
 }
 
 impl<R: BufRead> CsvReader<R> {
-    /// A reader of `input`. `delimiter` and `quote` must differ, and neither be CR or LF
-    /// (otherwise `read` reports an error).
-    pub fn new(input: R, delimiter: u8, quote: u8) -> CsvReader<R> {
+    /// A reader of `input`, within `limits`. `delimiter` and `quote` must differ, and neither
+    /// be CR or LF (otherwise `read` reports an error).
+    pub fn new(input: R, delimiter: u8, quote: u8, limits: &InputLimits) -> CsvReader<R> {
         let core = csv_core::ReaderBuilder::new()
             .delimiter(delimiter)
             .quote(quote)
@@ -328,6 +346,7 @@ impl<R: BufRead> CsvReader<R> {
             head_start: 0,
             head_end: 0,
             core_fed: false,
+            limits: *limits,
         }
     }
 
@@ -347,6 +366,7 @@ impl<R: BufRead> CsvReader<R> {
             return Err(Err(CsvError {
                 message: "the delimiter and the quote must be two different bytes, neither CR nor LF".into(),
                 line: self.follower.line,
+                limit: false,
             }));
         }
         if !self.bom_checked {
@@ -354,6 +374,10 @@ impl<R: BufRead> CsvReader<R> {
         }
         record.clear();
         record.line = self.follower.line;
+        // Input bytes consumed for this record (blank lines before it included), and how many
+        // of its fields have had their length checked.
+        let mut consumed = 0usize;
+        let mut checked = 0usize;
         loop {
             let from_head = self.head_start < self.head_end;
             let mut input: &[u8] = if from_head {
@@ -371,12 +395,17 @@ impl<R: BufRead> CsvReader<R> {
                 input = &input[..input.len().min(1)];
                 self.core_fed = !input.is_empty();
             }
-            record.make_room(input.len().min(OUTPUT_STEP));
+            record.make_room(
+                input.len().min(OUTPUT_STEP),
+                self.limits.record_bytes,
+                self.limits.columns,
+            );
             let (result, nin, nout, nend) =
                 self.core
                     .read_record(input, &mut record.buf[record.used..], &mut record.ends[record.fields..]);
             record.used += nout;
             record.fields += nend;
+            consumed += nin;
             self.follower
                 .follow(
                     &input[..nin],
@@ -391,12 +420,58 @@ impl<R: BufRead> CsvReader<R> {
             } else {
                 self.input.consume(nin);
             }
+            self.check_limits(record, consumed, &mut checked).map_err(Err)?;
             match result {
                 ReadRecordResult::Record => return Ok(true),
                 ReadRecordResult::End => return Ok(false),
                 ReadRecordResult::InputEmpty | ReadRecordResult::OutputFull | ReadRecordResult::OutputEndsFull => {}
             }
         }
+    }
+
+    /// Checks the record read so far against the limits: its fields (`checked` of them already
+    /// passed), the field being read, and the input bytes `consumed` for it.
+    fn check_limits(&self, record: &Record, consumed: usize, checked: &mut usize) -> Result<(), CsvError> {
+        let InputLimits {
+            record_bytes,
+            field_bytes,
+            columns,
+            ..
+        } = self.limits;
+        let over = |message: String| CsvError {
+            message,
+            line: record.line,
+            limit: true,
+        };
+        if record.fields > columns {
+            return Err(over(format!("record with more than limits.columns = {columns} fields")));
+        }
+        let ends = &record.ends[..record.fields];
+        let start = |i: usize| if i == 0 { 0 } else { ends[i - 1] };
+        let field_over = |i: usize| {
+            over(format!(
+                "field {} longer than limits.field_bytes = {field_bytes} bytes",
+                i + 1
+            ))
+        };
+        if let Some(i) = (*checked..record.fields).find(|&i| ends[i] - start(i) > field_bytes) {
+            return Err(field_over(i));
+        }
+        *checked = record.fields;
+        if record.used - start(record.fields) > field_bytes {
+            return Err(field_over(record.fields)); // the field being read
+        }
+        if consumed > record_bytes {
+            let what = if record.fields == 0 && self.follower.place == Place::BeforeRecord {
+                "blank lines"
+            } else {
+                "record"
+            };
+            return Err(over(format!(
+                "{what} longer than limits.record_bytes = {record_bytes} bytes"
+            )));
+        }
+        Ok(())
     }
 
     /// Takes a UTF-8 BOM off the start of the input, however the input splits it.
@@ -435,7 +510,12 @@ mod tests {
     type Records = Vec<(u64, Vec<(String, bool)>)>;
 
     fn records(input: &[u8]) -> Result<Records, CsvError> {
-        let mut reader = CsvReader::new(std::io::BufReader::with_capacity(3, input), b',', b'"');
+        let mut reader = CsvReader::new(
+            std::io::BufReader::with_capacity(3, input),
+            b',',
+            b'"',
+            &InputLimits::none(),
+        );
         let mut rec = Record::default();
         let mut out = Vec::new();
         loop {
@@ -572,7 +652,7 @@ mod tests {
         let long = "x".repeat(3 * OUTPUT_STEP);
         let many = vec!["\"y\""; 1000].join(",");
         let input = format!("\"{long}\",a\n{many}\nb,c\n");
-        let mut reader = CsvReader::new(input.as_bytes(), b',', b'"');
+        let mut reader = CsvReader::new(input.as_bytes(), b',', b'"', &InputLimits::none());
         let mut rec = Record::default();
         assert!(matches!(reader.read(&mut rec), Ok(true)));
         assert_eq!(
@@ -589,10 +669,106 @@ mod tests {
         assert!(matches!(reader.read(&mut rec), Ok(false)));
     }
 
+    fn within(record_bytes: usize, field_bytes: usize, columns: usize) -> InputLimits {
+        InputLimits {
+            record_bytes,
+            field_bytes,
+            columns,
+            ..InputLimits::none()
+        }
+    }
+
+    /// The error reading `input` within `limits` stops at (after `records` records), and how
+    /// much room the record holds then.
+    fn stopped(input: impl BufRead, limits: &InputLimits) -> (CsvError, usize, usize, usize) {
+        let mut reader = CsvReader::new(input, b',', b'"', limits);
+        let mut rec = Record::default();
+        let mut records = 0;
+        loop {
+            match reader.read(&mut rec) {
+                Ok(true) => records += 1,
+                Ok(false) => panic!("read to the end"),
+                Err(Err(e)) => return (e, records, rec.buf.len(), rec.ends.len()),
+                Err(Ok(io)) => panic!("{io}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_header_wider_than_columns_stops_while_it_is_read() {
+        // An endless header of commas: only the limit ends it.
+        let endless = io::BufReader::new(io::repeat(b','));
+        let (e, records, _, ends) = stopped(endless, &within(1 << 20, 1 << 20, 1600));
+        assert_eq!((e.limit, e.line, records), (true, 1, 0));
+        assert_eq!(e.message, "record with more than limits.columns = 1600 fields");
+        assert!(ends <= 1601, "room for {ends} field ends");
+        // Exactly the limit is fine, for the header and the rows.
+        let input = b"a,b,c\n1,2,3\n4,5,6,7\n";
+        let got = read_all_within(&input[..], b',', b'"', &within(100, 100, 3));
+        assert_eq!(got.records.len(), 2);
+        assert_eq!(got.error.map(|e| (e.line, e.limit)), Some((3, true)));
+    }
+
+    #[test]
+    fn a_field_longer_than_field_bytes_stops_while_it_is_read() {
+        let endless = io::BufReader::new(io::repeat(b'x'));
+        let (e, _, buf, _) = stopped(endless, &within(1 << 30, 1000, 1600));
+        assert_eq!((e.limit, e.line), (true, 1));
+        assert_eq!(e.message, "field 1 longer than limits.field_bytes = 1000 bytes");
+        assert!(buf <= 2 * OUTPUT_STEP, "holds {buf} bytes");
+        // Quoted, with escapes, in the second field of a later record: the unquoted length counts.
+        let input = b"a,b\n1,\"\"\"\"\"\"\"\"\n2,\"\"\"\"\"\"\"\"\"\"\n";
+        let (e, records, _, _) = stopped(io::BufReader::with_capacity(2, &input[..]), &within(100, 3, 10));
+        assert_eq!((e.line, records, e.limit), (3, 2, true));
+        assert_eq!(e.message, "field 2 longer than limits.field_bytes = 3 bytes");
+    }
+
+    #[test]
+    fn a_record_longer_than_record_bytes_stops_while_it_is_read() {
+        // Endless one-byte fields: the record limit, not the field or column one, stops them;
+        // the buffer stops doubling near the limit.
+        let many = io::BufReader::new(ManyFields(io::repeat(0)));
+        let (e, _, buf, _) = stopped(many, &within(200_000, 10, usize::MAX));
+        assert_eq!((e.limit, e.line), (true, 1));
+        assert_eq!(e.message, "record longer than limits.record_bytes = 200000 bytes");
+        assert!(buf <= 200_000 + OUTPUT_STEP, "holds {buf} bytes");
+        // The record's bytes include its line end; blank lines before it count too.
+        let ok = read_all_within(&b"ab,c\nd\n"[..], b',', b'"', &within(5, 5, 5));
+        assert_eq!((ok.records.len(), ok.error), (2, None));
+        let e = read_all_within(&b"ab,c\nd\n"[..], b',', b'"', &within(4, 5, 5))
+            .error
+            .unwrap();
+        assert_eq!((e.line, e.limit), (1, true));
+        let blanks = [&b"a\n"[..], &[b'\n'; 100], b"b\n"].concat();
+        let e = read_all_within(&blanks[..], b',', b'"', &within(50, 5, 5))
+            .error
+            .unwrap();
+        assert_eq!(e.message, "record longer than limits.record_bytes = 50 bytes");
+        // Stopped before the record starts, the message says what it held.
+        let few_at_a_time = io::BufReader::with_capacity(8, &blanks[..]);
+        let e = read_all_within(few_at_a_time, b',', b'"', &within(50, 5, 5))
+            .error
+            .unwrap();
+        assert_eq!(e.message, "blank lines longer than limits.record_bytes = 50 bytes");
+    }
+
+    /// `x,` endlessly: a record of endless one-byte fields.
+    struct ManyFields<R>(R);
+
+    impl<R: Read> Read for ManyFields<R> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = self.0.read(buf)?;
+            for (i, b) in buf[..n].iter_mut().enumerate() {
+                *b = if i % 2 == 0 { b'x' } else { b',' };
+            }
+            Ok(n)
+        }
+    }
+
     #[test]
     fn a_delimiter_or_quote_that_is_a_line_end_or_the_same_byte_is_refused() {
         for (delimiter, quote) in [(b'\n', b'"'), (b',', b'\r'), (b',', b',')] {
-            let mut reader = CsvReader::new(&b"a,b\n"[..], delimiter, quote);
+            let mut reader = CsvReader::new(&b"a,b\n"[..], delimiter, quote, &InputLimits::none());
             assert!(matches!(reader.read(&mut Record::default()), Err(Err(_))));
         }
     }
@@ -605,7 +781,7 @@ mod tests {
                 Err(io::Error::other("disk on fire"))
             }
         }
-        let mut reader = CsvReader::new(io::BufReader::new(Failing), b',', b'"');
+        let mut reader = CsvReader::new(io::BufReader::new(Failing), b',', b'"', &InputLimits::none());
         let got = reader.read(&mut Record::default());
         assert!(matches!(got, Err(Ok(e)) if e.to_string() == "disk on fire"));
     }
@@ -622,7 +798,11 @@ mod tests {
     }
 
     fn read_all(input: impl BufRead, delimiter: u8, quote: u8) -> Outcome {
-        let mut reader = CsvReader::new(input, delimiter, quote);
+        read_all_within(input, delimiter, quote, &InputLimits::none())
+    }
+
+    fn read_all_within(input: impl BufRead, delimiter: u8, quote: u8, limits: &InputLimits) -> Outcome {
+        let mut reader = CsvReader::new(input, delimiter, quote, limits);
         let mut rec = Record::default();
         let mut out = Outcome::default();
         loop {
@@ -727,6 +907,7 @@ mod tests {
                                 out.error = Some(CsvError {
                                     message: format!("a quoted field opened on line {opened} is never closed"),
                                     line: opened,
+                                    limit: false,
                                 });
                                 return out;
                             }
@@ -754,6 +935,7 @@ mod tests {
                                 b as char
                             ),
                             line,
+                            limit: false,
                         });
                         return out;
                     }
@@ -810,6 +992,38 @@ mod tests {
             prop_assert_eq!(&read_all(Chunked::new(&input, a), delimiter, quote), &expected);
             prop_assert_eq!(&read_all(Chunked::new(&input, b), delimiter, quote), &expected);
             prop_assert_eq!(&read_all(&input[..], delimiter, quote), &expected);
+        }
+
+        #[test]
+        fn limits_only_ever_stop_the_reading_never_change_it(
+            body in prop::collection::vec(prop::sample::select(ALPHABET), 0..48),
+            (delimiter, quote) in separators(),
+            columns in 1usize..5,
+            field_bytes in 0usize..6,
+            sizes in chunk_sizes(),
+        ) {
+            let input = body.concat().into_bytes();
+            let full = read_all(&input[..], delimiter, quote);
+            let limits = within(usize::MAX, field_bytes, columns);
+            let limited = read_all_within(Chunked::new(&input, sizes), delimiter, quote, &limits);
+            let fits = |(_, fields): &ReadRecord| fields.len() <= columns && fields.iter().all(|(f, _)| f.len() <= field_bytes);
+            match &limited.error {
+                Some(e) if e.limit => {
+                    // The records before the stop are read as without limits, and the record
+                    // it stopped at is over a limit indeed (or, cut by a format error, would be
+                    // over one before that error).
+                    prop_assert_eq!(&limited.records[..], &full.records[..limited.records.len()]);
+                    let next = full.records.get(limited.records.len());
+                    prop_assert!(next.is_none_or(|r| !fits(r)) , "{:?} stopped at a record within the limits", e);
+                    if next.is_none() {
+                        prop_assert!(full.error.is_some());
+                    }
+                }
+                _ => {
+                    prop_assert_eq!(&limited, &full);
+                    prop_assert!(full.records.iter().all(fits));
+                }
+            }
         }
 
         #[test]

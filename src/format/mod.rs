@@ -2,7 +2,13 @@
 //! then magic bytes) and the format (the route's, else by extension), decompresses and decodes,
 //! all streamed. Decoding runs on a blocking thread and hands [`Batch`]es to the sink over a
 //! bounded channel, so download and decode overlap with the database write while memory stays
-//! bounded by `CHANNEL_BATCHES × BATCH_BYTES`.
+//! bounded by `CHANNEL_BATCHES × BATCH_BYTES` (or as many single rows, each at most
+//! `limits.record_bytes`).
+//!
+//! Whatever the bytes, [`InputLimits`] (the `[limits]` section) bound what one file can make the
+//! loader hold or do: the CSV reader stops a record, a field or a header that grows past its
+//! limit while reading it, the JSON lines reader a line or an object, and the decompressor a
+//! file that expands too far. Each fails the file with a report of kind `limit` naming the key.
 
 mod batch;
 pub mod csv;
@@ -11,7 +17,7 @@ pub mod raw;
 
 use std::io::{self, BufRead, BufReader, Read};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use tokio::io::AsyncRead;
 use tokio::sync::mpsc;
@@ -27,6 +33,91 @@ const BATCH_ROWS: usize = 4096;
 const BATCH_BYTES: usize = 1 << 20;
 /// Batches buffered between the decoder and the sink.
 const CHANNEL_BATCHES: usize = 4;
+/// The compression ratio is judged only once this much has come out of the decompressor.
+const RATIO_CHECKED_AFTER: u64 = 1 << 20;
+
+/// Bounds on one file, from the `[limits]` configuration section (see
+/// [`crate::config::LimitsConfig`], where each is documented and defaulted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InputLimits {
+    /// Bytes of one CSV record (with the blank lines before it) or one JSON line.
+    pub record_bytes: usize,
+    /// Bytes of one CSV field, unquoted.
+    pub field_bytes: usize,
+    /// Fields of one CSV record; columns of a JSON lines file.
+    pub columns: usize,
+    /// Keys of one JSON object.
+    pub json_keys: usize,
+    /// Bytes out of the decompressor; 0: no limit.
+    pub decompressed_bytes: u64,
+    /// Bytes out of the decompressor per compressed byte in; 0: no limit.
+    pub compression_ratio: u64,
+}
+
+impl Default for InputLimits {
+    /// The configuration's defaults.
+    fn default() -> Self {
+        crate::config::LimitsConfig::default().input_limits()
+    }
+}
+
+impl InputLimits {
+    /// No limits at all (for tests of the readers' other rules).
+    pub fn none() -> InputLimits {
+        InputLimits {
+            record_bytes: usize::MAX,
+            field_bytes: usize::MAX,
+            columns: usize::MAX,
+            json_keys: usize::MAX,
+            decompressed_bytes: 0,
+            compression_ratio: 0,
+        }
+    }
+
+    /// Why `out` decompressed bytes from `compressed` compressed bytes are too many, if they are.
+    fn expansion_problem(&self, out: u64, compressed: u64) -> Option<String> {
+        if self.decompressed_bytes > 0 && out > self.decompressed_bytes {
+            return Some(format!(
+                "decompressed size over limits.decompressed_bytes = {} bytes",
+                self.decompressed_bytes
+            ));
+        }
+        if self.compression_ratio > 0 && out >= RATIO_CHECKED_AFTER && out / self.compression_ratio > compressed {
+            return Some(format!(
+                "decompressed size over limits.compression_ratio = {} times the compressed size ({out} bytes from {compressed})",
+                self.compression_ratio
+            ));
+        }
+        None
+    }
+}
+
+/// A file over one of the [`InputLimits`], carried inside an `io::Error` from the decompressor
+/// up through the readers (which pass I/O errors on untouched) to [`open`]'s classification.
+#[derive(Debug)]
+struct LimitExceeded(String);
+
+impl std::fmt::Display for LimitExceeded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for LimitExceeded {}
+
+/// The limit an I/O error reports, if it is one.
+fn limit_exceeded(e: &io::Error) -> Option<&LimitExceeded> {
+    e.get_ref().and_then(|inner| inner.downcast_ref::<LimitExceeded>())
+}
+
+/// A file's error for a limit it went over, at `line` and `record` when known.
+fn limit_error(message: impl Into<String>, line: Option<u64>, record: Option<u64>) -> DecodeFailure {
+    DecodeFailure::Format(
+        FileError::new(FileErrorKind::Limit, message)
+            .at_line(line)
+            .at_record(record),
+    )
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compression {
@@ -109,6 +200,8 @@ pub struct FormatOptions {
     /// The first CSV line names the columns; otherwise `columns` does.
     pub header: bool,
     pub columns: Vec<String>,
+    /// Bounds on what the file may make the reader hold or do.
+    pub limits: InputLimits,
 }
 
 impl FormatOptions {
@@ -136,6 +229,7 @@ impl Default for FormatOptions {
             null: String::new(),
             header: true,
             columns: Vec::new(),
+            limits: InputLimits::default(),
         }
     }
 }
@@ -287,19 +381,23 @@ pub async fn open(
     let source = SourceRead {
         inner: SyncIoBridge::new(reader),
         failed: Arc::new(AtomicBool::new(false)),
+        read: Arc::new(AtomicU64::new(0)),
     };
     let raw_options = options.clone();
     let has_header = options.header;
     tokio::task::spawn_blocking(move || {
         let failed = source.failed.clone();
+        let compressed = source.read.clone();
         let classify = |e: io::Error, what: &str| {
-            if failed.load(Ordering::Relaxed) {
+            if let Some(limit) = limit_exceeded(&e) {
+                limit_error(limit.to_string(), None, None)
+            } else if failed.load(Ordering::Relaxed) {
                 DecodeFailure::Source(e)
             } else {
                 DecodeFailure::Format(FileError::new(FileErrorKind::Decode, format!("{what}: {e}")))
             }
         };
-        let decompressed = match decompress(source, declared) {
+        let decompressed = match decompress(source, compressed, declared, &options.limits) {
             Ok(d) => d,
             Err(e) => {
                 let e = classify(e, "reading the object");
@@ -312,7 +410,7 @@ pub async fn open(
         };
         match (mode, format) {
             (Mode::Raw, _) => pass_raw(decompressed, &raw_options, prefix_tx, types_rx, raw_tx, &classify),
-            (Mode::Rows, Format::Jsonl) => decode_jsonl(decompressed, header_tx, tx, &classify),
+            (Mode::Rows, Format::Jsonl) => decode_jsonl(decompressed, &options, header_tx, tx, &classify),
             (Mode::Rows, _) => decode_csv(decompressed, &options, header_tx, tx, &classify),
         }
     });
@@ -357,20 +455,58 @@ pub async fn decode(
     }
 }
 
-fn decompress<R: Read + 'static>(source: R, declared: Option<Compression>) -> io::Result<Box<dyn BufRead>> {
+/// The object's bytes, decompressed when `declared` (or the magic bytes) says so. `compressed`
+/// counts the bytes read from the object so far; the decompressed bytes are counted against it
+/// and against `limits`.
+fn decompress<R: Read + 'static>(
+    source: R,
+    compressed: Arc<AtomicU64>,
+    declared: Option<Compression>,
+    limits: &InputLimits,
+) -> io::Result<Box<dyn BufRead>> {
     let mut raw = BufReader::with_capacity(256 * 1024, source);
     let head = raw.fill_buf()?;
+    let checked = |decoder: Box<dyn Read>| {
+        BufReader::with_capacity(
+            256 * 1024,
+            ExpansionCheck {
+                inner: decoder,
+                compressed,
+                out: 0,
+                limits: *limits,
+            },
+        )
+    };
     Ok(match declared.unwrap_or_else(|| Compression::from_magic(head)) {
         Compression::None => Box::new(raw),
-        Compression::Gzip => Box::new(BufReader::with_capacity(
-            256 * 1024,
-            flate2::bufread::MultiGzDecoder::new(raw),
-        )),
-        Compression::Zstd => Box::new(BufReader::with_capacity(
-            256 * 1024,
-            zstd::stream::read::Decoder::with_buffer(raw)?,
-        )),
+        Compression::Gzip => Box::new(checked(Box::new(flate2::bufread::MultiGzDecoder::new(raw)))),
+        Compression::Zstd => Box::new(checked(Box::new(zstd::stream::read::Decoder::with_buffer(raw)?))),
     })
+}
+
+/// A decompressor's output, counted: past `limits.decompressed_bytes`, or past
+/// `limits.compression_ratio` times the compressed bytes read so far (once 1 MiB has come
+/// out), reading fails with [`LimitExceeded`]. The compressed count includes what the input's
+/// buffer has read ahead, so the ratio is judged, if anything, leniently.
+struct ExpansionCheck {
+    inner: Box<dyn Read>,
+    compressed: Arc<AtomicU64>,
+    out: u64,
+    limits: InputLimits,
+}
+
+impl Read for ExpansionCheck {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.out += n as u64;
+        match self
+            .limits
+            .expansion_problem(self.out, self.compressed.load(Ordering::Relaxed))
+        {
+            Some(problem) => Err(io::Error::new(io::ErrorKind::InvalidData, LimitExceeded(problem))),
+            None => Ok(n),
+        }
+    }
 }
 
 type PrefixTx = tokio::sync::oneshot::Sender<Result<raw::Prefix, DecodeFailure>>;
@@ -434,7 +570,7 @@ fn pass_raw(
     // bytes for anything COPY would read otherwise; a final count compares the two.
     let consumed = std::rc::Rc::new(std::cell::RefCell::new(Vec::with_capacity(2 * raw::CHUNK_BYTES)));
     let tee = raw::Tee::new(io::Cursor::new(prefix).chain(input), consumed.clone());
-    let mut reader = csv::CsvReader::new(tee, options.delimiter, options.quote);
+    let mut reader = csv::CsvReader::new(tee, options.delimiter, options.quote, &options.limits);
     let mut record = csv::Record::default();
     let mut scanner = raw::Scanner::new(options.quote, options.delimiter);
     let null = options.null.as_bytes();
@@ -460,6 +596,12 @@ fn pass_raw(
             Ok(false) => break,
             Err(Ok(e)) => {
                 let _ = tx.blocking_send(Err(classify(e, "decompressing or reading the file")));
+                return;
+            }
+            // Over a limit: the parser would stop at the same place; fail the file here.
+            Err(Err(e)) if e.limit => {
+                let record = (records + 1).checked_sub(u64::from(options.header)).filter(|&r| r > 0);
+                let _ = tx.blocking_send(Err(limit_error(e.message, Some(e.line), record)));
                 return;
             }
             Err(Err(_)) => return unsuitable("malformed CSV"),
@@ -499,10 +641,11 @@ fn decode_csv(
     tx: BatchTx,
     classify: &dyn Fn(io::Error, &str) -> DecodeFailure,
 ) {
-    let mut reader = csv::CsvReader::new(input, options.delimiter, options.quote);
+    let mut reader = csv::CsvReader::new(input, options.delimiter, options.quote, &options.limits);
     let mut record = csv::Record::default();
     let fail = |e: Result<io::Error, csv::CsvError>, record: Option<u64>| match e {
         Ok(io) => classify(io, "decompressing or reading the file"),
+        Err(c) if c.limit => limit_error(c.message, Some(c.line), record),
         Err(c) => decode_error(format!("malformed CSV: {}", c.message), c.line, record),
     };
     let header: Vec<String> = if options.header {
@@ -601,19 +744,25 @@ fn decode_csv(
 
 fn decode_jsonl(
     input: Box<dyn BufRead>,
+    options: &FormatOptions,
     header_tx: HeaderTx,
     tx: BatchTx,
     classify: &dyn Fn(io::Error, &str) -> DecodeFailure,
 ) {
-    let mut reader = jsonl::JsonlReader::new(input);
+    let mut reader = jsonl::JsonlReader::new(input, &options.limits);
     let fail = |e: jsonl::ReadError| match e {
         jsonl::ReadError::Io(io) => classify(io, "decompressing or reading the file"),
         jsonl::ReadError::Bad(j) => jsonl_failure(j),
     };
+    // The sample is held whole until the columns are known: bounded in lines and in bytes.
     let mut sample = Vec::new();
-    while sample.len() < jsonl::SAMPLE_LINES {
+    let mut sample_bytes = 0;
+    while sample.len() < jsonl::SAMPLE_LINES && sample_bytes < jsonl::SAMPLE_BYTES {
         match reader.next_object() {
-            Ok(Some(object)) => sample.push(object),
+            Ok(Some(object)) => {
+                sample_bytes += reader.line_len();
+                sample.push(object);
+            }
             Ok(None) => break,
             Err(e) => {
                 let _ = header_tx.send(Err(fail(e)));
@@ -621,12 +770,21 @@ fn decode_jsonl(
             }
         }
     }
-    let (columns, types) = jsonl::columns_of(&sample);
-    let width = columns.len();
-    if header_tx.send(Ok((columns.clone(), types.clone()))).is_err() || width == 0 {
+    let columns = match jsonl::columns_of(&sample, options.limits.columns) {
+        Ok(columns) => columns,
+        Err(e) => {
+            let _ = header_tx.send(Err(jsonl_failure(e)));
+            return;
+        }
+    };
+    let width = columns.names.len();
+    if header_tx
+        .send(Ok((columns.names.clone(), columns.types.clone())))
+        .is_err()
+        || width == 0
+    {
         return;
     }
-    let index = jsonl::column_index(&columns);
     let mut scratch = Vec::new();
     let mut number = 1u64;
     let mut batch = Batch::new(width, number);
@@ -643,16 +801,7 @@ fn decode_jsonl(
             },
         };
         let Some((line, object)) = next else { break };
-        if let Err(e) = jsonl::push_object(
-            &mut batch,
-            &columns,
-            &index,
-            &types,
-            line,
-            number,
-            &object,
-            &mut scratch,
-        ) {
+        if let Err(e) = jsonl::push_object(&mut batch, &columns, line, number, &object, &mut scratch) {
             let _ = tx.blocking_send(Err(jsonl_failure(e)));
             return;
         }
@@ -671,12 +820,7 @@ fn decode_jsonl(
 }
 
 fn jsonl_failure(e: jsonl::JsonlError) -> DecodeFailure {
-    let kind = if e.schema {
-        FileErrorKind::Schema
-    } else {
-        FileErrorKind::Decode
-    };
-    let mut error = FileError::new(kind, e.message)
+    let mut error = FileError::new(e.kind, e.message)
         .at_line(Some(e.line))
         .at_record(Some(e.record));
     error.column = e.column;
@@ -684,16 +828,21 @@ fn jsonl_failure(e: jsonl::JsonlError) -> DecodeFailure {
 }
 
 /// The object's byte stream, remembering whether an error came from the source itself (so
-/// that a dropped connection is retried, while a corrupt file is not).
+/// that a dropped connection is retried, while a corrupt file is not), and counting the bytes
+/// read (the compressed size so far, for [`ExpansionCheck`]).
 struct SourceRead<R> {
     inner: R,
     failed: Arc<AtomicBool>,
+    read: Arc<AtomicU64>,
 }
 
 impl<R: Read> Read for SourceRead<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self.inner.read(buf) {
-            Ok(n) => Ok(n),
+            Ok(n) => {
+                self.read.fetch_add(n as u64, Ordering::Relaxed);
+                Ok(n)
+            }
             Err(e) => {
                 self.failed.store(true, Ordering::Relaxed);
                 Err(e)
@@ -952,5 +1101,178 @@ mod tests {
     async fn an_empty_file_has_no_columns_and_no_rows() {
         let (header, rows) = decode(Vec::new(), "x.csv").await.unwrap();
         assert!(header.is_empty() && rows.is_empty());
+    }
+
+    fn with_limits(limits: InputLimits) -> FormatOptions {
+        FormatOptions {
+            limits,
+            ..Default::default()
+        }
+    }
+
+    /// The limit error a decode ended with (panics on anything else).
+    fn limit_hit(result: Result<(Vec<String>, Rows), DecodeFailure>) -> FileError {
+        match result {
+            Err(DecodeFailure::Format(e)) if e.kind == FileErrorKind::Limit => e,
+            other => panic!("expected a limit error, got {:?}", other.map(|(h, r)| (h, r.len()))),
+        }
+    }
+
+    fn gzip(data: &[u8]) -> Vec<u8> {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(data).unwrap();
+        gz.finish().unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_file_that_decompresses_too_far_fails_as_a_limit_never_a_retry() {
+        // About 5 MB of numbered rows: they compress a few times over.
+        let csv: String = std::iter::once("n\n".to_string())
+            .chain((0..700_000).map(|i| format!("{i}\n")))
+            .collect();
+        let (gz, zst) = (gzip(csv.as_bytes()), zstd::encode_all(csv.as_bytes(), 1).unwrap());
+        for (bytes, key) in [(gz.clone(), "x.csv.gz"), (zst.clone(), "x.csv.zst")] {
+            let (_, rows) = decode(bytes.clone(), key).await.unwrap();
+            assert_eq!(rows.len(), 700_000, "{key} loads within the default limits");
+            let ratio = InputLimits {
+                compression_ratio: 1,
+                ..InputLimits::default()
+            };
+            let e = limit_hit(decode_with(bytes.clone(), key, with_limits(ratio)).await);
+            assert!(e.message.contains("limits.compression_ratio = 1 times"), "{key}: {e}");
+            let size = InputLimits {
+                decompressed_bytes: 100_000,
+                ..InputLimits::default()
+            };
+            let e = limit_hit(decode_with(bytes, key, with_limits(size)).await);
+            assert!(
+                e.message.contains("limits.decompressed_bytes = 100000 bytes"),
+                "{key}: {e}"
+            );
+        }
+        // Under 1 MiB out, the ratio is not judged: 200 KB from a few hundred bytes loads.
+        let small = gzip(format!("n\n{}", "1\n".repeat(100_000)).as_bytes());
+        let ratio = InputLimits {
+            compression_ratio: 1,
+            ..InputLimits::default()
+        };
+        let (_, rows) = decode_with(small, "x.csv.gz", with_limits(ratio)).await.unwrap();
+        assert_eq!(rows.len(), 100_000);
+        // The passthrough reads through the same decompressor.
+        let e = match open_raw(gz, "x.csv.gz", with_limits(ratio)).await {
+            Err(DecodeFailure::Format(e)) => e,
+            other => panic!("{:?}", other.err()),
+        };
+        assert_eq!(e.kind, FileErrorKind::Limit, "{e}");
+    }
+
+    #[tokio::test]
+    async fn csv_and_json_lines_over_their_limits_fail_with_a_report_naming_the_key() {
+        let limits = InputLimits {
+            record_bytes: 300,
+            field_bytes: 100,
+            columns: 5,
+            json_keys: 3,
+            ..InputLimits::default()
+        };
+        let csv = |s: &str| decode_with(s.as_bytes().to_vec(), "x.csv", with_limits(limits));
+        let e = limit_hit(csv("a,b,c,d,e,f\n1,2,3,4,5,6\n").await);
+        assert_eq!((e.line, e.record), (Some(1), None));
+        assert_eq!(e.message, "record with more than limits.columns = 5 fields");
+        let e = limit_hit(csv(&format!("a,b\n1,2\n3,{}\n", "x".repeat(101))).await);
+        assert_eq!((e.line, e.record), (Some(3), Some(2)));
+        assert_eq!(e.message, "field 2 longer than limits.field_bytes = 100 bytes");
+        // 5 fields of 59 bytes, 4 commas and a LF: exactly 300 bytes.
+        let row = |n: usize| vec!["x".repeat(n); 5].join(",");
+        let (_, rows) = csv(&format!("a,b,c,d,e\n{}\n", row(59))).await.unwrap();
+        assert_eq!(rows.len(), 1, "exactly at the limits loads");
+        let e = limit_hit(csv(&format!("a,b,c,d,e\n{}\n{}\n", row(59), row(60))).await);
+        assert_eq!((e.line, e.record), (Some(3), Some(2)));
+        assert_eq!(e.message, "record longer than limits.record_bytes = 300 bytes");
+
+        let jsonl = |s: String| decode_with(s.into_bytes(), "x.jsonl", with_limits(limits));
+        let e = limit_hit(jsonl("{\"a\":1}\n{\"a\":1,\"b\":2,\"c\":3,\"d\":4}\n".into()).await);
+        assert_eq!((e.line, e.record), (Some(2), Some(2)));
+        assert_eq!(e.message, "JSON object with more than limits.json_keys = 3 keys");
+        let e = limit_hit(jsonl(format!("{{\"a\":1}}\n{{\"a\":\"{}\"}}\n", "x".repeat(1000))).await);
+        assert_eq!(e.line, Some(2));
+        assert_eq!(e.message, "JSON line longer than limits.record_bytes = 300 bytes");
+        let keys: String = (0..6).map(|i| format!("{{\"k{i}\":1}}\n")).collect();
+        let e = limit_hit(jsonl(keys).await);
+        assert_eq!(
+            (e.line, e.message.as_str()),
+            (Some(6), "more than limits.columns = 5 distinct keys")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_json_sample_of_long_lines_stops_at_sample_bytes() {
+        // 20 KB lines: the sample ends after about 420 of them, so a key first seen on line 500
+        // is not a column.
+        let pad = "x".repeat(20_000);
+        let lines: String = (1..=600)
+            .map(|i| match i {
+                500 => format!("{{\"a\":\"{pad}\",\"late\":1}}\n"),
+                _ => format!("{{\"a\":\"{pad}\"}}\n"),
+            })
+            .collect();
+        let err = decode(lines.into_bytes(), "x.jsonl").await.unwrap_err();
+        let DecodeFailure::Format(e) = err else {
+            panic!("{err:?}")
+        };
+        assert_eq!((e.kind, e.line), (FileErrorKind::Schema, Some(500)));
+        let sampled = jsonl::SAMPLE_BYTES.div_ceil(20_009);
+        assert!(
+            e.message.contains(&format!("found in the first {sampled} lines")),
+            "{}",
+            e.message
+        );
+    }
+
+    /// Reads `bytes` as the passthrough does, to its end or its first failure.
+    async fn open_raw(bytes: Vec<u8>, key: &str, options: FormatOptions) -> Result<u64, DecodeFailure> {
+        let reader: Box<dyn AsyncRead + Send + Unpin> = Box::new(std::io::Cursor::new(bytes));
+        let Stream::Raw(mut raw) = super::open(reader, key, None, options, Mode::Raw).await? else {
+            unreachable!("asked for raw")
+        };
+        raw.check_types(vec![None; raw.header.len()]);
+        loop {
+            if let RawChunk::End { records } = raw.next().await? {
+                return Ok(records);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_limit_hit_on_the_passthrough_fails_the_file_as_the_parser_would() {
+        let limits = InputLimits {
+            field_bytes: 100_000,
+            columns: 2,
+            ..InputLimits::default()
+        };
+        // Past the first megabyte, read up front: the passthrough itself stops and reports.
+        let mut csv = String::from("a,b\n");
+        csv.extend((0..200_000).map(|i| format!("{i},{i}\n")));
+        let line = 200_002;
+        let long = format!("{csv}1,{}\n2,2\n", "x".repeat(200_000));
+        let raw = open_raw(long.clone().into_bytes(), "x.csv", with_limits(limits)).await;
+        let Err(DecodeFailure::Format(e)) = raw else {
+            panic!("{:?}", raw)
+        };
+        assert_eq!((e.kind, e.line), (FileErrorKind::Limit, Some(line)));
+        assert_eq!(e.message, "field 2 longer than limits.field_bytes = 100000 bytes");
+        let parsed = limit_hit(decode_with(long.into_bytes(), "x.csv", with_limits(limits)).await);
+        assert_eq!(parsed, e, "the same report either way");
+        // Within the first megabyte the passthrough declines, and the parser reports it.
+        let wide = "a,b,c\n1,2,3\n".to_string();
+        let raw = open_raw(wide.clone().into_bytes(), "x.csv", with_limits(limits)).await;
+        assert!(matches!(raw, Err(DecodeFailure::Unsuitable(_))), "{:?}", raw);
+        let e = limit_hit(decode_with(wide.into_bytes(), "x.csv", with_limits(limits)).await);
+        assert_eq!(e.message, "record with more than limits.columns = 2 fields");
+        // Within the limits, the passthrough reads the file whole.
+        assert_eq!(
+            open_raw(csv.into_bytes(), "x.csv", with_limits(limits)).await.unwrap(),
+            200_001
+        );
     }
 }

@@ -5,6 +5,11 @@
 //! COPY would read differently from the loader's own CSV reader: blank lines, a lone `\.`
 //! line (COPY's end-of-data marker), bare CR line ends or mixed line ends. On any of those the
 //! sink aborts the COPY and loads the file through the full parser instead.
+//!
+//! The loader's reader runs with the file's [`super::InputLimits`] here too: a record over one
+//! fails the file with the limit's report, exactly where the parser would stop. (Over a limit
+//! within the first bytes, read up front, the passthrough declines instead, and the parser
+//! reports it.)
 
 use std::io::{BufRead, Read};
 
@@ -34,7 +39,7 @@ pub fn parse_prefix(
     options: &super::FormatOptions,
     rows: usize,
 ) -> Result<Option<Prefix>, String> {
-    let mut reader = CsvReader::new(prefix, options.delimiter, options.quote);
+    let mut reader = CsvReader::new(prefix, options.delimiter, options.quote, &options.limits);
     let mut record = Record::default();
     let header = if options.header {
         match reader.read(&mut record) {
@@ -400,7 +405,7 @@ mod tests {
                 rest = &rest[n..];
             }
             if scanned.is_ok() && !scanner.in_quotes && let Ok(count) = scanner.finish() {
-                let mut reader = CsvReader::new(&input[..], b',', b'"');
+                let mut reader = CsvReader::new(&input[..], b',', b'"', &super::super::InputLimits::none());
                 let mut record = Record::default();
                 let mut records = 0u64;
                 loop {
