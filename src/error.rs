@@ -55,6 +55,9 @@ pub enum FileErrorKind {
     Source,
     /// Transient errors every time, `retry.max_attempts` times.
     RetriesExhausted,
+    /// `retry.max_attempts` attempts, some of which ended without any outcome: the loading
+    /// process died (out of memory, a crash, a kill) while loading this file.
+    CrashedLoader,
     /// Over one of the `[limits]` (a record, field or JSON line too long, too many columns or
     /// keys, a file that decompresses too far); the message names the key and its value.
     Limit,
@@ -71,6 +74,7 @@ impl FileErrorKind {
             FileErrorKind::Database => "database",
             FileErrorKind::Source => "source",
             FileErrorKind::RetriesExhausted => "retries_exhausted",
+            FileErrorKind::CrashedLoader => "crashed_loader",
             FileErrorKind::Limit => "limit",
         }
     }
@@ -80,6 +84,7 @@ impl FileErrorKind {
         match self {
             FileErrorKind::Decode | FileErrorKind::Limit => Stage::Decode,
             FileErrorKind::Source | FileErrorKind::RetriesExhausted => Stage::Get,
+            FileErrorKind::CrashedLoader => Stage::Database,
             _ => Stage::Database,
         }
     }
@@ -198,7 +203,7 @@ mod tests {
     use super::*;
 
     /// Every kind, for the consistency checks below (a new kind must be added here).
-    const KINDS: [FileErrorKind; 8] = [
+    const KINDS: [FileErrorKind; 9] = [
         FileErrorKind::Decode,
         FileErrorKind::UnsafeName,
         FileErrorKind::Schema,
@@ -206,6 +211,7 @@ mod tests {
         FileErrorKind::Database,
         FileErrorKind::Source,
         FileErrorKind::RetriesExhausted,
+        FileErrorKind::CrashedLoader,
         FileErrorKind::Limit,
     ];
 

@@ -208,3 +208,53 @@ async fn retry_failed_moves_files_back_and_they_load_once_fixed_conditions_allow
     assert!(stdout.contains("loaded 1 (4 rows)"), "{stdout}");
     assert_eq!(count(&sqlite(d).await, "SELECT count(*) FROM orders").await, 4);
 }
+
+/// On the embedded default too: a file whose load kills the loader every time counts an
+/// attempt each time (committed before its rows), and after `retry.max_attempts` it goes to
+/// failed/ as `crashed_loader` instead of stopping the pipeline.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_whose_load_kills_the_loader_every_time_ends_in_failed_as_crashed_loader() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_old(
+        &d.join("data/incoming/orders/big.csv"),
+        orders_csv(1, 500_000).as_bytes(),
+    );
+    let env = kv(&[("LOADER_RETRY__MAX_ATTEMPTS", "2")]);
+    let attempts = || {
+        let db = d.join("data/loader.db");
+        async move {
+            let url = format!("sqlite://{}?mode=ro", db.display());
+            let Ok(pool) = sqlx::SqlitePool::connect(&url).await else {
+                return 0;
+            };
+            let n: Option<i64> = sqlx::query_scalar("SELECT attempts FROM s3_sql_loader_files")
+                .fetch_optional(&pool)
+                .await
+                .ok()
+                .flatten();
+            pool.close().await;
+            n.unwrap_or(0)
+        }
+    };
+    for kill in 1..=2 {
+        let mut loader = Loader::spawn(d, &env);
+        // The count is committed before the rows are read: the load is under way from then on.
+        wait_until(Duration::from_secs(60), "the attempt counted", || async {
+            attempts().await == kill
+        })
+        .await;
+        loader.signal(libc::SIGKILL);
+        loader.wait_exit(Duration::from_secs(10)).expect("killed");
+        assert_eq!(
+            files_under(&d.join("data/processed")),
+            Vec::<String>::new(),
+            "killed mid-load"
+        );
+    }
+    let (status, stdout, stderr) = run(d, &["once"], &env);
+    assert_eq!(status.code(), Some(1), "{stdout}{stderr}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.join("data/failed/orders/big.csv.error.json")).unwrap()).unwrap();
+    assert_eq!(report["error"]["kind"], "crashed_loader", "{report}");
+}

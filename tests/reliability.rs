@@ -410,7 +410,14 @@ async fn a_version_uploaded_during_a_load_is_loaded_too_and_processed_is_never_o
     let dir = tempfile::tempdir().unwrap();
     let loader = Loader::spawn(dir.path(), &env);
     loader.wait_up().await;
-    wait_in_flight(&loader).await;
+    // The overwrite must come after the first GET was answered (with the first version, its
+    // body then streaming slowly), not merely once the file is in flight: the proxy says when.
+    let answered = proxy.throttled_answers.clone();
+    wait_until(Duration::from_secs(30), "the first GET answered", || {
+        let answered = answered.clone();
+        async move { answered.load(std::sync::atomic::Ordering::Relaxed) >= 1 }
+    })
+    .await;
     let v2 = orders_csv(100_001, 10);
     bucket.put("incoming/orders/k.csv", v2.clone()).await; // a producer rewrites the key mid-load
     proxy.set_rules(vec![]);
@@ -505,4 +512,70 @@ async fn no_secret_appears_in_logs_status_metrics_readiness_or_reports() {
     assert!(seen.contains("\"ok\":false"), "the unreachable database is reported");
     assert!(!seen.contains(DB_PASSWORD), "the database password leaked");
     assert!(!seen.contains(AWS_SECRET), "the AWS secret key leaked");
+}
+
+/// A file whose load kills the loader every time (out of memory, a crash in a dependency: here
+/// a SIGKILL while its rows stream in) counts an attempt each time, and after
+/// `retry.max_attempts` goes to failed/ as `crashed_loader`; the files behind it load.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_whose_load_kills_the_loader_every_time_ends_in_failed_and_the_rest_load() {
+    let db = PgDb::create("crash_loop").await;
+    let dir = tempfile::tempdir().unwrap();
+    let incoming = dir.path().join("data/incoming/orders");
+    // The oldest, so it is picked first every time.
+    write_old(&incoming.join("big.csv"), orders_csv(1, 500_000).as_bytes());
+    let env = kv(&[
+        ("LOADER_DATABASE__URL", db.url.as_str()),
+        ("LOADER_RETRY__MAX_ATTEMPTS", "2"),
+        ("LOADER_WORKERS__CONCURRENCY", "1"),
+    ]);
+    for kill in 1..=2 {
+        let mut loader = Loader::spawn(dir.path(), &env);
+        wait_until(Duration::from_secs(60), "big.csv's rows streaming into COPY", || async {
+            db.count("SELECT count(*) FROM pg_stat_progress_copy WHERE datname = current_database() AND tuples_processed > 0")
+                .await
+                == 1
+        })
+        .await;
+        loader.signal(libc::SIGKILL);
+        loader.wait_exit(Duration::from_secs(10)).expect("killed");
+        assert_eq!(
+            db.count("SELECT attempts::bigint FROM s3_sql_loader_files").await,
+            kill,
+            "the attempt counted although the process died mid-load"
+        );
+    }
+    // Newer files, behind the one that kills.
+    for i in 0..3 {
+        write_old(
+            &incoming.join(format!("good-{i}.csv")),
+            orders_csv(1_000_000 + i * 10, 10).as_bytes(),
+        );
+    }
+    let (status, stdout, stderr) = run(dir.path(), &["once"], &env);
+    assert_eq!(status.code(), Some(1), "one file failed\n{stdout}{stderr}");
+    assert_eq!(
+        files_under(&dir.path().join("data/failed")),
+        ["orders/big.csv", "orders/big.csv.error.json"]
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("data/failed/orders/big.csv.error.json")).unwrap())
+            .unwrap();
+    assert_eq!(report["error"]["kind"], "crashed_loader", "{report}");
+    assert!(
+        report["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("2 of which ended without any outcome"),
+        "{report}"
+    );
+    // big.csv was to create the new table `orders`: the files that waited for it load on the
+    // next run (the daemon's next tick).
+    let (status, stdout, stderr) = run(dir.path(), &["once"], &env);
+    assert!(status.success(), "{stdout}{stderr}");
+    assert_eq!(
+        files_under(&dir.path().join("data/processed")),
+        ["orders/good-0.csv", "orders/good-1.csv", "orders/good-2.csv"]
+    );
+    assert_eq!(db.count("SELECT count(*) FROM orders").await, 30);
 }

@@ -573,19 +573,36 @@ pub(crate) fn append_history(history: Option<&str>, stage: Stage, message: &str)
     serde_json::to_string(&attempts[skip..]).unwrap_or_else(|_| "[]".into())
 }
 
-/// The error for a file that used up its attempts.
+/// The error for a file that used up its attempts. Attempts are counted when a load starts and
+/// transient outcomes are kept in the history, so attempts beyond the history ended with no
+/// outcome at all: the process died while loading this file (`crashed_loader`).
 pub(crate) fn retries_exhausted(attempts: i64, history: Option<&str>) -> FileError {
     let history: Vec<Attempt> = history.and_then(|h| serde_json::from_str(h).ok()).unwrap_or_default();
+    // (A history cut at its limit no longer tells.)
+    let crashed = match history.len() < HISTORY_LIMIT {
+        true => attempts.saturating_sub(history.len() as i64).max(0),
+        false => 0,
+    };
     let last = history
         .last()
-        .map(|a| format!("; last: {}: {}", a.stage, a.message))
+        .map(|a| format!("; last error: {}: {}", a.stage, a.message))
         .unwrap_or_default();
-    FileError {
-        history: Box::new(history),
-        ..FileError::new(
+    let (kind, message) = if crashed > 0 {
+        (
+            FileErrorKind::CrashedLoader,
+            format!(
+                "gave up after {attempts} attempts, {crashed} of which ended without any outcome: the loading process died (out of memory, a crash, a kill) while loading this file{last}"
+            ),
+        )
+    } else {
+        (
             FileErrorKind::RetriesExhausted,
             format!("gave up after {attempts} attempts{last}"),
         )
+    };
+    FileError {
+        history: Box::new(history),
+        ..FileError::new(kind, message)
     }
 }
 

@@ -293,26 +293,44 @@ impl PgSink {
             self.take_over_if_expired(&id).await.map_err(db)?;
             return Ok(LoadOutcome::Busy);
         }
-        let (current, rows, error, attempts, history): LedgerRow = sqlx::query_as(AssertSqlSafe(format!(
-            "WITH new AS (
-                INSERT INTO {ledger} (file_id, source, object_key, etag, state, byte_count)
-                VALUES ($1, $2, $3, $4, 'pending', $5) ON CONFLICT (file_id) DO NOTHING
-                RETURNING state, row_count, error, attempts::bigint, history)
-             SELECT * FROM new
-             UNION ALL SELECT state, row_count, error, attempts::bigint, history FROM {ledger} WHERE file_id = $1"
+        // The attempt counts now, committed on its own (not in the load's transaction): a load
+        // that kills the process still counts, so a file that always does ends in failed/
+        // instead of stopping the pipeline. Only the claim holder gets here, and the load's
+        // transaction has not touched the ledger row, so this never waits on it.
+        let counted: Option<LedgerRow> = sqlx::query_as(AssertSqlSafe(format!(
+            "INSERT INTO {ledger} AS l (file_id, source, object_key, etag, state, byte_count, attempts, claimed_by)
+             VALUES ($1, $2, $3, $4, 'pending', $5, 1, $7)
+             ON CONFLICT (file_id) DO UPDATE SET attempts = l.attempts + 1, claimed_by = $7, updated_at = now()
+                 WHERE l.state = 'pending' AND l.attempts < $6
+             RETURNING state, row_count, error, attempts::bigint, history"
         )))
         .bind(&id)
         .bind(file.source)
         .bind(file.key)
         .bind(file.etag)
         .bind(file.size as i64)
-        .fetch_one(&mut *tx)
+        .bind(i64::from(self.options.max_attempts))
+        .bind(&self.options.owner)
+        .fetch_optional(&self.pool)
         .await
         .map_err(db)?;
+        let counted_now = counted.is_some();
+        let (current, rows, error, attempts, history) = match counted {
+            Some(row) => row,
+            // Loaded or failed already, or out of attempts: as the ledger says.
+            None => sqlx::query_as(AssertSqlSafe(format!(
+                "SELECT state, row_count, error, attempts::bigint, history FROM {ledger} WHERE file_id = $1"
+            )))
+            .bind(&id)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db)?,
+        };
         if let Some(done) = outcome_of_state(&current, rows, error) {
             return Ok(done);
         }
-        if attempts >= i64::from(self.options.max_attempts) {
+        if !counted_now {
+            // Pending, and its attempts are used up (the last ones may have died mid-load).
             let error = retries_exhausted(attempts, history.as_deref());
             self.mark_failed(&mut tx, &id, &error, spec.table.as_ref().ok()).await?;
             tx.commit().await.map_err(db)?;
@@ -375,7 +393,7 @@ impl PgSink {
             Ok(rows) => {
                 sqlx::query(AssertSqlSafe(format!(
                     "UPDATE {ledger} SET state = '{}', row_count = $2, target_table = $3, error = NULL,
-                     attempts = attempts + 1, claimed_by = $4, loaded_at = now(), updated_at = now()
+                     claimed_by = $4, loaded_at = now(), updated_at = now()
                      WHERE file_id = $1",
                     state::LOADED
                 )))
@@ -411,7 +429,7 @@ impl PgSink {
         table: Option<&String>,
     ) -> Result<(), LoadError> {
         sqlx::query(AssertSqlSafe(format!(
-            "UPDATE {} SET state = '{}', error = $2, target_table = $3, attempts = attempts + 1, claimed_by = $4,
+            "UPDATE {} SET state = '{}', error = $2, target_table = $3, claimed_by = $4,
              updated_at = now() WHERE file_id = $1",
             self.options.ledger,
             state::FAILED
@@ -460,9 +478,10 @@ impl PgSink {
                 .execute(&mut *tx)
                 .await?;
             }
+            // The attempt was counted when it started: only its outcome is added.
             Some((state, history)) if state == state::PENDING => {
                 sqlx::query(AssertSqlSafe(format!(
-                    "UPDATE {ledger} SET attempts = attempts + 1, history = $2, updated_at = now() WHERE file_id = $1"
+                    "UPDATE {ledger} SET history = $2, updated_at = now() WHERE file_id = $1"
                 )))
                 .bind(file.id())
                 .bind(append_history(history.as_deref(), stage, message))

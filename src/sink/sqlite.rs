@@ -158,6 +158,7 @@ impl SqliteSink {
             return Ok(done);
         }
         if attempts >= i64::from(self.options.max_attempts) {
+            // Its attempts are used up (the last ones may have died mid-load).
             let error = retries_exhausted(attempts, history.as_deref());
             self.mark_failed(&mut tx, &id, &error, spec.table.as_ref().ok()).await?;
             tx.commit().await.map_err(db)?;
@@ -171,6 +172,11 @@ impl SqliteSink {
         .execute(&mut *tx)
         .await
         .map_err(db)?;
+        // The attempt counts now, committed before the load (one writer: the lock above is
+        // held throughout, so nothing changes in between): a load that kills the process
+        // still counts, so a file that always does ends in failed/.
+        tx.commit().await.map_err(db)?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(db)?;
 
         sqlx::query("SAVEPOINT file_rows").execute(&mut *tx).await.map_err(db)?;
         let table = spec.table.as_ref().ok().cloned();
@@ -261,7 +267,7 @@ impl SqliteSink {
         .await?;
         if let Some((history,)) = history {
             sqlx::query(AssertSqlSafe(format!(
-                "UPDATE {ledger} SET attempts = attempts + 1, history = ?, updated_at = CURRENT_TIMESTAMP WHERE file_id = ?"
+                "UPDATE {ledger} SET history = ?, updated_at = CURRENT_TIMESTAMP WHERE file_id = ?"
             )))
             .bind(append_history(history.as_deref(), stage, message))
             .bind(file.id())

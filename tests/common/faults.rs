@@ -101,6 +101,7 @@ struct ProxyState {
     rules: Arc<Mutex<Vec<Rule>>>,
     faults: Arc<AtomicU64>,
     requests: Arc<AtomicU64>,
+    throttled_answers: Arc<AtomicU64>,
 }
 
 /// An HTTP proxy in front of an S3-protocol server.
@@ -109,6 +110,9 @@ pub struct S3Proxy {
     rules: Arc<Mutex<Vec<Rule>>>,
     pub faults: Arc<AtomicU64>,
     pub requests: Arc<AtomicU64>,
+    /// Throttled requests the upstream has answered (their bodies may still be streaming):
+    /// from then on, the upstream's answer (a version, a precondition) is fixed.
+    pub throttled_answers: Arc<AtomicU64>,
 }
 
 impl S3Proxy {
@@ -120,8 +124,10 @@ impl S3Proxy {
             rules: rules.clone(),
             faults: Arc::new(AtomicU64::new(0)),
             requests: Arc::new(AtomicU64::new(0)),
+            throttled_answers: Arc::new(AtomicU64::new(0)),
         };
         let (faults, requests) = (state.faults.clone(), state.requests.clone());
+        let throttled_answers = state.throttled_answers.clone();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let endpoint = format!("http://127.0.0.1:{}", listener.local_addr().unwrap().port());
         let app = axum::Router::new().fallback(forward).with_state(state);
@@ -131,6 +137,7 @@ impl S3Proxy {
             rules,
             faults,
             requests,
+            throttled_answers,
         }
     }
 
@@ -227,6 +234,7 @@ async fn forward(State(state): State<ProxyState>, request: Request) -> Response 
             }))
         }
         Some(Fault::Throttle(bytes_per_second)) => {
+            state.throttled_answers.fetch_add(1, Ordering::Relaxed);
             let throttled = stream.flat_map(move |chunk| {
                 let pieces: Vec<Result<bytes::Bytes, std::io::Error>> = match chunk {
                     Ok(c) => c
