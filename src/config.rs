@@ -104,7 +104,8 @@ impl Default for SourceConfig {
 pub struct DatabaseConfig {
     /// `sqlite://PATH`, `postgres://...` or `mysql://...`. Treated as a secret: never printed.
     pub url: SecretString,
-    /// Connection pool size; 0 means `workers.concurrency + 2`.
+    /// Connection pool size; 0 means `workers.concurrency + 2`. Otherwise more than
+    /// `workers.concurrency`: a load briefly needs a second connection.
     pub max_connections: u32,
     /// How long to wait for a connection (also the pool's acquire timeout).
     #[serde(with = "duration")]
@@ -509,6 +510,16 @@ impl Config {
         if self.workers.concurrency == 0 || self.workers.concurrency > 256 {
             problems.push("workers.concurrency: must be between 1 and 256".into());
         }
+        // Each load holds its transaction's connection and briefly needs one more (the
+        // committed attempt count, a lease renewal, MySQL's column look-up): with fewer, every
+        // load would wait for a connection that no load gives back.
+        let n = self.database.max_connections as usize;
+        if n != 0 && n <= self.workers.concurrency {
+            problems.push(format!(
+                "database.max_connections: must be 0 (workers.concurrency + 2) or more than workers.concurrency ({})",
+                self.workers.concurrency
+            ));
+        }
         if self.workers.files_per_second == 0 {
             problems.push("workers.files_per_second: must be at least 1".into());
         }
@@ -764,6 +775,19 @@ mod tests {
                 .validated()
                 .unwrap_or_else(|e| panic!("{file}: {e}"));
         }
+    }
+
+    #[test]
+    fn a_pool_no_larger_than_the_workers_is_refused() {
+        let mut c = Config::default();
+        c.workers.concurrency = 4;
+        c.database.max_connections = 4;
+        let err = c.clone().validated().unwrap_err();
+        assert!(err.problems[0].starts_with("database.max_connections:"), "{err:?}");
+        c.database.max_connections = 5;
+        assert!(c.clone().validated().is_ok());
+        c.database.max_connections = 0;
+        assert!(c.validated().is_ok());
     }
 
     #[test]

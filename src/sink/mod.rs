@@ -489,7 +489,7 @@ pub(crate) fn widened_spec(
         return None; // a declared type is kept: the file fails
     }
     let (_, current) = new_columns.iter().find(|(c, _)| c == column)?;
-    let wider = current.widened(None)?;
+    let wider = current.widened()?;
     tracing::info!(db.column = %column, from = ?current, to = ?wider, "a value does not fit the inferred type: widening the new column");
     let mut spec = spec.clone();
     spec.widened.insert(column.to_string(), wider);

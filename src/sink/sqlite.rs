@@ -323,6 +323,8 @@ impl SqliteSink {
         }
         let plan = plan_load(&table, &file_cols, &decoded.types, existing, spec, first.as_ref())?;
         *new_columns = plan.new_columns();
+        // Per planned column, decided once: does SQLite turn number-like text into numbers?
+        let converting: Vec<bool> = plan.columns.iter().map(|c| converting.contains(c)).collect();
         let upsert = spec.write_mode == WriteMode::Upsert;
         let keys = spec
             .key_columns
@@ -409,10 +411,11 @@ impl SqliteSink {
                 };
                 let mut query = sqlx::query(AssertSqlSafe(sql));
                 for r in start..end {
-                    for ((value, ty), column) in b.row(r).zip(&plan.types).zip(&plan.columns) {
+                    for (((value, ty), column), converts) in
+                        b.row(r).zip(&plan.types).zip(&plan.columns).zip(&converting)
+                    {
                         if let Some(v) = value
-                            && !converting.is_empty()
-                            && converting.contains(column)
+                            && *converts
                             && would_become_a_number(v)
                         {
                             return Err(b.error_at(
