@@ -447,18 +447,13 @@ impl PgSink {
     pub async fn record_transient(&self, file: FileRef<'_>, stage: Stage, message: &str) -> Result<(), sqlx::Error> {
         let ledger = &self.options.ledger;
         let mut tx = self.pool.begin().await?;
-        // If another loader holds the file now, its attempt is the one that counts.
-        let (free,): (bool,) = sqlx::query_as("SELECT pg_try_advisory_xact_lock($1)")
-            .bind(lock_key(&file.id()))
-            .fetch_one(&mut *tx)
-            .await?;
-        if !free {
-            return Ok(());
-        }
-        // The load's own transaction (and with it a new ledger row) rolled back: the row may
-        // not exist yet.
+        // Every attempt counted itself when it started, so its outcome is added whoever holds
+        // the file now (not under the file's claim: the failed load's transaction may still be
+        // rolling back and holding it, and its outcome would be lost, the attempt then looking
+        // like a crash). The row lock keeps concurrent additions from overwriting each other.
+        // The row is missing only if the count itself never happened.
         let row: Option<(String, Option<String>)> = sqlx::query_as(AssertSqlSafe(format!(
-            "SELECT state, history FROM {ledger} WHERE file_id = $1"
+            "SELECT state, history FROM {ledger} WHERE file_id = $1 FOR UPDATE"
         )))
         .bind(file.id())
         .fetch_optional(&mut *tx)
