@@ -144,6 +144,8 @@ pub enum Stage {
     Database,
     Move,
     Report,
+    /// The load itself ended abnormally (a panic caught at the worker boundary).
+    Load,
 }
 
 impl Stage {
@@ -155,6 +157,7 @@ impl Stage {
             Stage::Database => "database",
             Stage::Move => "move",
             Stage::Report => "report",
+            Stage::Load => "load",
         }
     }
 }

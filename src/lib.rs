@@ -5,12 +5,21 @@
 //!
 //! - [`scheduler`] ticks every `schedule.interval`: [`source`] lists `incoming/`, [`status`]
 //!   records the backlog, and up to `schedule.max_files_per_tick` files go to worker tasks.
-//! - [`worker`] waits for a permit and the rate limiter, then asks [`sink`] to load the file:
-//!   the sink locks the file's ledger row, [`source`] streams the object, [`format`] decompresses
-//!   and decodes it on a blocking thread, and the rows and the ledger row commit in one
-//!   transaction ([`sink::postgres`], [`sink::sqlite`]).
+//! - [`worker`] waits for a permit and the rate limiter, then asks [`sink`] to load the file.
+//!   For every database that loads file by file, [`sink::protocol`] is the one exactly-once
+//!   protocol (claim, count the attempt, write the rows under a savepoint, mark the ledger,
+//!   commit); each database brings only its claims, its row writer and its DDL
+//!   ([`sink::postgres`] by COPY, [`sink::mysql`] and [`sink::sqlite`] by multi-row INSERTs);
+//!   [`sink::redshift`] loads batches by COPY from a manifest.
+//! - The sink reads the file through a [`reader::FileReader`]: [`source`] streams the object,
+//!   [`format`] decompresses it and decodes it (CSV, JSON lines) on a blocking thread, or passes
+//!   CSV bytes through to COPY once the same reader has checked them.
 //! - After the commit, [`worker`] moves the object to `processed/`; a bad file gets its report
-//!   written to `failed/K.error.json` and is moved to `failed/`.
+//!   written to `failed/K.error.json` and is moved to `failed/`. A load that panics is caught at
+//!   the worker boundary and retried.
+//! - [`config`] reads and checks the settings (with [`config::routes`] and
+//!   [`config::redshift`]); [`routes`] resolves each key to its table and format; [`schema`] holds
+//!   the column types and the one rule of what each accepts.
 //! - [`http`] serves health, readiness, status and metrics from [`status`]; [`shutdown`] turns
 //!   SIGTERM into a drain; [`app`] wires it all from a [`config::Config`].
 //!
@@ -25,6 +34,7 @@ pub mod format;
 pub mod http;
 pub mod metrics;
 pub mod page;
+pub mod reader;
 pub mod redact;
 pub mod routes;
 pub mod scheduler;

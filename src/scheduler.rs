@@ -337,11 +337,26 @@ impl Scheduler {
                         _ = stop.cancelled() => return not_started(),
                     }
                     worker.status.load_started();
-                    // Once started, a load runs to its end even if a stop comes meanwhile.
-                    let outcomes = if worker.db.loads_batches() {
-                        worker.process_batch(objs.clone()).await
-                    } else {
-                        vec![worker.process(&objs[0]).await]
+                    // Once started, a load runs to its end even if a stop comes meanwhile. It
+                    // runs as a task of its own: a panic in it (ours or a dependency's) ends
+                    // that task only, and is recorded as the attempt's outcome here, so the
+                    // key leaves the in-flight set and the scheduler keeps going.
+                    let load = {
+                        let (worker, objs) = (worker.clone(), objs.clone());
+                        tokio::spawn(
+                            async move {
+                                if worker.db.loads_batches() {
+                                    worker.process_batch(objs).await
+                                } else {
+                                    vec![worker.process(&objs[0]).await]
+                                }
+                            }
+                            .in_current_span(),
+                        )
+                    };
+                    let outcomes = match load.await {
+                        Ok(outcomes) => outcomes,
+                        Err(e) => worker.panicked(&objs, &panic_message(e)).await,
                     };
                     worker.status.load_ended();
                     if let Gate::Creates(tx) = &gate {
@@ -399,6 +414,19 @@ impl Gate {
     }
 }
 
+/// What a load task that did not finish said.
+fn panic_message(e: tokio::task::JoinError) -> String {
+    if !e.is_panic() {
+        return e.to_string();
+    }
+    let payload = e.into_panic();
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
+
 /// `initial × 2^(failures-1)`, capped at `max`, with ±50% jitter so replicas do not retry in step.
 fn backoff_delay(initial: Duration, max: Duration, failures: u32) -> Duration {
     let exp = initial
@@ -410,6 +438,76 @@ fn backoff_delay(initial: Duration, max: Duration, failures: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One tick over a local folder into SQLite, waiting for its loads.
+    async fn tick(scheduler: &Scheduler) -> Vec<FileOutcome> {
+        let mut outcomes = Vec::new();
+        for handle in scheduler.tick().await {
+            outcomes.extend(handle.await.expect("the worker boundary never panics"));
+        }
+        outcomes
+    }
+
+    #[tokio::test]
+    async fn a_panic_in_a_load_is_an_attempt_and_the_scheduler_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for (key, body) in [("boom/a.csv", "id\n1\n"), ("fine/b.csv", "id\n2\n")] {
+            let path = root.join("incoming").join(key);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, body).unwrap();
+        }
+        let mut config = Config::default();
+        config.source.url = format!("file://{}", root.display());
+        config.source.settle_time = Duration::ZERO;
+        config.database.url = format!("sqlite://{}/loader.db", root.display()).into();
+        let source = Arc::new(crate::source::Source::connect(&config.source).await.unwrap());
+        let db = Arc::new(crate::sink::Database::connect_lazy(&config).unwrap());
+        db.ensure_ledger().await.unwrap();
+        let status = Arc::new(crate::status::Status::new(&config.pipeline, None));
+        let worker = Arc::new(Worker {
+            source: source.clone(),
+            db: db.clone(),
+            status: status.clone(),
+            routes: crate::routes::Routes::new(&config),
+        });
+        let scheduler = Scheduler::new(&config, worker, CancellationToken::new(), None);
+        crate::reader::tests::PANIC_ON.lock().unwrap().push("boom/a.csv".into());
+
+        let mut first = tick(&scheduler).await;
+        first.sort_by_key(|o| format!("{o:?}"));
+        assert!(matches!(first[0], FileOutcome::Loaded { rows: 1 }), "{first:?}");
+        assert!(
+            matches!(&first[1], FileOutcome::Retry { stage: crate::error::Stage::Load, message } if message.contains("injected panic")),
+            "{first:?}"
+        );
+        assert!(
+            scheduler.in_flight.lock().unwrap().is_empty(),
+            "the panicked key left the in-flight set"
+        );
+        assert!(root.join("incoming/boom/a.csv").exists() && root.join("processed/fine/b.csv").exists());
+        let ledger = sqlx::SqlitePool::connect(&format!("sqlite://{}/loader.db", root.display()))
+            .await
+            .unwrap();
+        let (attempts, history): (i64, String) =
+            sqlx::query_as("SELECT attempts, history FROM s3_sql_loader_files WHERE object_key = 'boom/a.csv'")
+                .fetch_one(&ledger)
+                .await
+                .unwrap();
+        assert_eq!(attempts, 1);
+        assert!(
+            history.contains("\"load\"") && history.contains("injected panic"),
+            "{history}"
+        );
+
+        // The same scheduler tries it again once its backoff has passed, and it loads.
+        crate::reader::tests::PANIC_ON.lock().unwrap().clear();
+        scheduler.backoff.lock().unwrap().clear();
+        let second = tick(&scheduler).await;
+        assert_eq!(second, vec![FileOutcome::Loaded { rows: 1 }]);
+        assert!(root.join("processed/boom/a.csv").exists());
+        assert_eq!(status.snapshot().totals.files_loaded, 2);
+    }
 
     #[test]
     fn backoff_doubles_with_jitter_and_stays_capped() {

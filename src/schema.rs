@@ -2,6 +2,9 @@
 //! Names from files are never spliced into SQL unless [`is_safe_identifier`] accepts them; they
 //! are then lowercased (as unquoted SQL would fold them) and quoted.
 
+/// The most columns a file may have (PostgreSQL's limit per table; others allow more).
+pub const MAX_COLUMNS: usize = 1600;
+
 use chrono::{DateTime, Datelike, NaiveDate, NaiveDateTime, TimeZone};
 
 /// At most this many rows are looked at to infer the types of a new table.

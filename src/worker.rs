@@ -10,7 +10,7 @@ use serde::Serialize;
 use tracing::{Instrument, info, warn};
 
 use crate::error::{FileError, LoadError, Stage};
-use crate::format::open as open_stream;
+use crate::reader::FileReader;
 use crate::routes::Routes;
 use crate::sink::{Database, FileRef, LoadOutcome};
 use crate::source::{Area, FAILED, INCOMING, MoveOutcome, ObjectMeta, Source};
@@ -81,6 +81,22 @@ impl Worker {
         outcomes
     }
 
+    /// The load of `objs` panicked: each gets a transient outcome with the panic's message, in
+    /// the status, the log and the file's history (its attempt was counted when it started).
+    pub async fn panicked(&self, objs: &[ObjectMeta], message: &str) -> Vec<FileOutcome> {
+        tracing::error!(error.message = %message, "the load panicked; its files stay in incoming/ for a later attempt");
+        let mut outcomes = Vec::with_capacity(objs.len());
+        for obj in objs {
+            let outcome = FileOutcome::Retry {
+                stage: Stage::Load,
+                message: format!("the load panicked: {message}"),
+            };
+            self.record(obj, &outcome, std::time::Instant::now()).await;
+            outcomes.push(outcome);
+        }
+        outcomes
+    }
+
     /// Updates the status and the ledger's attempt count, and logs the outcome once.
     async fn record(&self, obj: &ObjectMeta, outcome: &FileOutcome, started: std::time::Instant) {
         let elapsed_ms = started.elapsed().as_millis() as u64;
@@ -125,21 +141,8 @@ impl Worker {
     async fn load_and_move(&self, obj: &ObjectMeta) -> Result<FileOutcome, LoadError> {
         let file = self.file_ref(obj);
         let spec = self.routes.resolve(&obj.key);
-        let spec = &spec;
-        let open = |mode| async move {
-            let opened = self.source.open(obj).await.map_err(|e| e.into_load_error(Stage::Get))?;
-            let format = spec.format.clone();
-            open_stream(
-                opened.reader,
-                &obj.key,
-                opened.content_encoding.as_deref(),
-                format,
-                mode,
-            )
-            .await
-            .map_err(LoadError::from)
-        };
-        let loaded = self.db.load(file, spec, open).await?;
+        let reader = FileReader::new(&self.source, obj, &spec.format);
+        let loaded = self.db.load(file, &spec, &reader).await?;
         self.finish(obj, loaded).await
     }
 

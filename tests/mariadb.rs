@@ -180,3 +180,42 @@ async fn two_loaders_on_one_bucket_load_each_file_once_into_mariadb() {
         200
     );
 }
+
+/// The crash-loop guard on MariaDB: each attempt is counted and committed before its rows are
+/// written (the file's claim is a named lock, so counting never waits on the load's own row
+/// locks). A file whose load kills the loader every time ends in failed/ as `crashed_loader`
+/// after `retry.max_attempts`, instead of stopping the pipeline; the files behind it load.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_whose_load_kills_the_loader_every_time_ends_in_failed_on_mariadb() {
+    let moto = Moto::start();
+    let bucket = Bucket::create(&moto, "maria-crash").await;
+    let db = MyDb::create("crash").await;
+    bucket.put("incoming/orders/big.csv", orders_csv(1, 300_000)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let env = env(&moto, "maria-crash", &db, &[("LOADER_RETRY__MAX_ATTEMPTS", "2")]);
+    // (The ledger exists once the first loader started.)
+    let attempts = || async {
+        sqlx::query_scalar::<_, i64>("SELECT CAST(COALESCE(MAX(attempts), 0) AS SIGNED) FROM s3_sql_loader_files")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap_or(0)
+    };
+    for kill in 1..=2 {
+        let mut loader = Loader::spawn(dir.path(), &env);
+        wait_until(Duration::from_secs(60), "the attempt counted", || async {
+            attempts().await == kill
+        })
+        .await;
+        loader.signal(libc::SIGKILL);
+        loader.wait_exit(Duration::from_secs(10)).expect("killed");
+        assert!(bucket.keys("processed/").await.is_empty(), "killed mid-load");
+    }
+    bucket.put("incoming/orders/small.csv", orders_csv(1, 3)).await;
+    let (status, stdout, stderr) = run(dir.path(), &["once"], &env);
+    assert_eq!(status.code(), Some(1), "{stdout}{stderr}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&bucket.get("failed/orders/big.csv.error.json").await).unwrap();
+    assert_eq!(report["error"]["kind"], "crashed_loader", "{report}");
+    assert_eq!(bucket.keys("processed/").await, vec!["processed/orders/small.csv"]);
+    assert_eq!(db.count("SELECT count(*) FROM orders").await, 3);
+}

@@ -37,7 +37,7 @@ const CHANNEL_BATCHES: usize = 4;
 const RATIO_CHECKED_AFTER: u64 = 1 << 20;
 
 /// Bounds on one file, from the `[limits]` configuration section (see
-/// [`crate::config::LimitsConfig`], where each is documented and defaulted).
+/// [`crate::config::LimitsConfig`], where each is documented).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct InputLimits {
     /// Bytes of one CSV record (with the blank lines before it) or one JSON line.
@@ -55,9 +55,19 @@ pub struct InputLimits {
 }
 
 impl Default for InputLimits {
-    /// The configuration's defaults.
+    /// The defaults of the `[limits]` configuration section.
     fn default() -> Self {
-        crate::config::LimitsConfig::default().input_limits()
+        InputLimits {
+            // Why 16 MiB: a load holds a few records' worth (the reader's buffer, batches in
+            // flight), and workers.concurrency loads run at once in a pod of 256 MiB.
+            record_bytes: 16 << 20,
+            // Room for an 8 MiB value (a document or a blob in a CSV field) and its quoting.
+            field_bytes: 10 << 20,
+            columns: crate::schema::MAX_COLUMNS,
+            json_keys: crate::schema::MAX_COLUMNS,
+            decompressed_bytes: 64 << 30,
+            compression_ratio: 1000,
+        }
     }
 }
 
@@ -293,21 +303,6 @@ impl Decoded {
 type HeaderTx = tokio::sync::oneshot::Sender<Result<(Vec<String>, Vec<Option<ColumnType>>), DecodeFailure>>;
 type BatchTx = mpsc::Sender<Result<Batch, DecodeFailure>>;
 
-/// How the sink wants the file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// Decoded rows.
-    Rows,
-    /// CSV passed through as raw bytes, with the header and a sample (see [`raw`]).
-    Raw,
-}
-
-/// A file being read, as the sink asked for it.
-pub enum Stream {
-    Rows(Decoded),
-    Raw(RawDecoded),
-}
-
 /// One piece of a raw stream.
 pub enum RawChunk {
     Bytes(Vec<u8>),
@@ -358,33 +353,101 @@ pub fn passthrough_possible(key: &str, options: &FormatOptions) -> bool {
     )
 }
 
-/// Starts reading `reader`, the object's raw bytes, in `mode` (`Raw` only for CSV and TSV).
-/// `key` and `content_encoding` pick the compression, `options` (or `key`) the format.
-/// Returns once the columns are known.
-pub async fn open(
+/// Starts decoding `reader`, the object's raw bytes, into rows. `key` and `content_encoding`
+/// pick the compression, `options` (or `key`) the format. Returns once the columns are known.
+pub async fn decode(
     reader: Box<dyn AsyncRead + Send + Unpin>,
     key: &str,
     content_encoding: Option<&str>,
     options: FormatOptions,
-    mode: Mode,
-) -> Result<Stream, DecodeFailure> {
+) -> Result<Decoded, DecodeFailure> {
     let options = options.resolved(key);
     let (header_tx, header_rx) = tokio::sync::oneshot::channel();
     let (tx, rx) = mpsc::channel(CHANNEL_BATCHES);
+    let jsonl = options.format == Some(Format::Jsonl);
+    spawn_reader(
+        reader,
+        key,
+        content_encoding,
+        options,
+        move |input, options, classify| match input {
+            Err(e) => drop(header_tx.send(Err(e))),
+            Ok(bytes) if jsonl => decode_jsonl(bytes, options, header_tx, tx, classify),
+            Ok(bytes) => decode_csv(bytes, options, header_tx, tx, classify),
+        },
+    );
+    match header_rx.await {
+        Ok(Ok((header, types))) => Ok(Decoded {
+            header,
+            types,
+            batches: rx,
+        }),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(DecodeFailure::Source(io::Error::other(
+            "the decoder stopped unexpectedly",
+        ))),
+    }
+}
+
+/// Starts passing `reader` (CSV or TSV, see [`passthrough_possible`]) through as raw bytes,
+/// with its header and a sample read first (see [`raw`]).
+pub async fn pass_through(
+    reader: Box<dyn AsyncRead + Send + Unpin>,
+    key: &str,
+    content_encoding: Option<&str>,
+    options: FormatOptions,
+) -> Result<RawDecoded, DecodeFailure> {
+    let options = options.resolved(key);
     let (raw_tx, raw_rx) = mpsc::channel(CHANNEL_BATCHES);
     let (prefix_tx, prefix_rx) = tokio::sync::oneshot::channel();
     let (types_tx, types_rx) = tokio::sync::oneshot::channel();
+    let has_header = options.header;
+    spawn_reader(
+        reader,
+        key,
+        content_encoding,
+        options,
+        move |input, options, classify| match input {
+            Err(e) => drop(prefix_tx.send(Err(e))),
+            Ok(bytes) => pass_raw(bytes, options, prefix_tx, types_rx, raw_tx, classify),
+        },
+    );
+    match prefix_rx.await {
+        Ok(Ok(prefix)) => Ok(RawDecoded {
+            header: prefix.header,
+            has_header,
+            sample: prefix.sample,
+            chunks: raw_rx,
+            types: Some(types_tx),
+        }),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(DecodeFailure::Source(io::Error::other(
+            "the reader stopped unexpectedly",
+        ))),
+    }
+}
+
+/// Runs `work` on a blocking thread with the object's decompressed bytes (or why there are
+/// none) and the function that tells a failure of the source from one of the file.
+fn spawn_reader<W>(
+    reader: Box<dyn AsyncRead + Send + Unpin>,
+    key: &str,
+    content_encoding: Option<&str>,
+    options: FormatOptions,
+    work: W,
+) where
+    W: FnOnce(Result<Box<dyn BufRead>, DecodeFailure>, &FormatOptions, &dyn Fn(io::Error, &str) -> DecodeFailure)
+        + Send
+        + 'static,
+{
     let declared = content_encoding
         .and_then(Compression::from_content_encoding)
         .or_else(|| Compression::from_key(key));
-    let format = options.format.unwrap_or(Format::Csv);
     let source = SourceRead {
         inner: SyncIoBridge::new(reader),
         failed: Arc::new(AtomicBool::new(false)),
         read: Arc::new(AtomicU64::new(0)),
     };
-    let raw_options = options.clone();
-    let has_header = options.header;
     tokio::task::spawn_blocking(move || {
         let failed = source.failed.clone();
         let compressed = source.read.clone();
@@ -397,62 +460,10 @@ pub async fn open(
                 DecodeFailure::Format(FileError::new(FileErrorKind::Decode, format!("{what}: {e}")))
             }
         };
-        let decompressed = match decompress(source, compressed, declared, &options.limits) {
-            Ok(d) => d,
-            Err(e) => {
-                let e = classify(e, "reading the object");
-                match mode {
-                    Mode::Rows => drop(header_tx.send(Err(e))),
-                    Mode::Raw => drop(prefix_tx.send(Err(e))),
-                }
-                return;
-            }
-        };
-        match (mode, format) {
-            (Mode::Raw, _) => pass_raw(decompressed, &raw_options, prefix_tx, types_rx, raw_tx, &classify),
-            (Mode::Rows, Format::Jsonl) => decode_jsonl(decompressed, &options, header_tx, tx, &classify),
-            (Mode::Rows, _) => decode_csv(decompressed, &options, header_tx, tx, &classify),
-        }
+        let input =
+            decompress(source, compressed, declared, &options.limits).map_err(|e| classify(e, "reading the object"));
+        work(input, &options, &classify);
     });
-    match mode {
-        Mode::Rows => match header_rx.await {
-            Ok(Ok((header, types))) => Ok(Stream::Rows(Decoded {
-                header,
-                types,
-                batches: rx,
-            })),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(DecodeFailure::Source(io::Error::other(
-                "the decoder stopped unexpectedly",
-            ))),
-        },
-        Mode::Raw => match prefix_rx.await {
-            Ok(Ok(prefix)) => Ok(Stream::Raw(RawDecoded {
-                header: prefix.header,
-                has_header,
-                sample: prefix.sample,
-                chunks: raw_rx,
-                types: Some(types_tx),
-            })),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(DecodeFailure::Source(io::Error::other(
-                "the reader stopped unexpectedly",
-            ))),
-        },
-    }
-}
-
-/// Decoded rows of `reader` (see [`open`]).
-pub async fn decode(
-    reader: Box<dyn AsyncRead + Send + Unpin>,
-    key: &str,
-    content_encoding: Option<&str>,
-    options: FormatOptions,
-) -> Result<Decoded, DecodeFailure> {
-    match open(reader, key, content_encoding, options, Mode::Rows).await? {
-        Stream::Rows(decoded) => Ok(decoded),
-        Stream::Raw(_) => unreachable!("asked for rows"),
-    }
 }
 
 /// The object's bytes, decompressed when `declared` (or the magic bytes) says so. `compressed`
@@ -1232,9 +1243,7 @@ mod tests {
     /// Reads `bytes` as the passthrough does, to its end or its first failure.
     async fn open_raw(bytes: Vec<u8>, key: &str, options: FormatOptions) -> Result<u64, DecodeFailure> {
         let reader: Box<dyn AsyncRead + Send + Unpin> = Box::new(std::io::Cursor::new(bytes));
-        let Stream::Raw(mut raw) = super::open(reader, key, None, options, Mode::Raw).await? else {
-            unreachable!("asked for raw")
-        };
+        let mut raw = super::pass_through(reader, key, None, options).await?;
         raw.check_types(vec![None; raw.header.len()]);
         loop {
             if let RawChunk::End { records } = raw.next().await? {

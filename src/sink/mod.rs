@@ -1,31 +1,23 @@
-//! Where rows go: one file per database. Each load is ONE transaction holding the file's rows and
-//! its ledger row, so a file is in the table exactly once or not at all:
-//!
-//! 1. make sure the ledger row `(source, key, ETag)` exists (committed on its own);
-//! 2. begin; lock that ledger row (PostgreSQL: `FOR UPDATE SKIP LOCKED`, so a replica already
-//!    loading the file is skipped, not waited for; SQLite: the single writer lock);
-//! 3. `loaded` → nothing to load, only the move is left; `failed` → only the report and move;
-//! 4. otherwise, under a savepoint: check or create the table, stream the rows in;
-//! 5. success: mark the ledger row `loaded` and commit; a bad file: roll back to the savepoint,
-//!    mark it `failed` with the error, commit; a transient error: roll everything back.
-//!
-//! A process that dies mid-load loses its connection, so the database rolls back the rows and
-//! releases the lock; whoever lists the file next loads it.
+//! Where rows go: one file per database, and the exactly-once protocol they share
+//! ([`protocol`]). Each load is ONE transaction holding the file's rows and its ledger row, so
+//! a file is in the table exactly once or not at all. Redshift loads by batch instead
+//! ([`redshift`]).
 
+mod insert;
 pub mod mysql;
 mod nodelay;
 pub mod postgres;
+pub mod protocol;
 pub mod redshift;
 pub mod sqlite;
-
-use std::future::Future;
 
 use secrecy::ExposeSecret;
 use sha2::{Digest, Sha256};
 
 use crate::config::{Config, Dialect};
 use crate::error::{Attempt, FileError, FileErrorKind, LoadError, Stage};
-use crate::format::{Batch, Decoded, Mode, Stream};
+use crate::format::{Batch, Decoded};
+use crate::reader::FileReader;
 use crate::routes::{LoadSpec, METADATA_COLUMNS, MissingColumns, NewColumns};
 use crate::schema::{self, ColumnCheck, ColumnType, TypeInference};
 
@@ -124,27 +116,27 @@ impl Database {
     /// Is the database reachable?
     pub async fn ping(&self) -> Result<(), String> {
         match self {
-            Database::Postgres(s) => s.ping().await,
-            Database::MySql(s) => s.ping().await,
+            Database::Postgres(s) => s.ledger().ping().await,
+            Database::MySql(s) => s.ledger().ping().await,
             Database::Redshift(s) => s.ping().await,
-            Database::Sqlite(s) => s.ping().await,
+            Database::Sqlite(s) => s.ledger().ping().await,
         }
         .map_err(|e| e.to_string())
     }
 
-    /// Loads one file exactly once; see the module docs for the steps. `spec` says into which
-    /// table (or why there is none) and how; `open` starts decoding the object and is only
-    /// called when there is something to load.
-    pub async fn load<F, Fut>(&self, file: FileRef<'_>, spec: &LoadSpec, open: F) -> Result<LoadOutcome, LoadError>
-    where
-        F: Fn(Mode) -> Fut,
-        Fut: Future<Output = Result<Stream, LoadError>>,
-    {
+    /// Loads one file exactly once (see [`protocol`]). `spec` says into which table (or why
+    /// there is none) and how; `reader` is only read when there is something to load.
+    pub async fn load(
+        &self,
+        file: FileRef<'_>,
+        spec: &LoadSpec,
+        reader: &FileReader<'_>,
+    ) -> Result<LoadOutcome, LoadError> {
         match self {
-            Database::Postgres(s) => s.load(file, spec, open).await,
-            Database::MySql(s) => s.load(file, spec, open).await,
+            Database::Postgres(s) => s.ledger().load(s, file, spec, reader).await,
+            Database::MySql(s) => s.ledger().load(s, file, spec, reader).await,
             Database::Redshift(_) => Err(LoadError::transient(Stage::Database, "Redshift loads files by batch")),
-            Database::Sqlite(s) => s.load(file, spec, open).await,
+            Database::Sqlite(s) => s.ledger().load(s, file, spec, reader).await,
         }
     }
 
@@ -152,10 +144,10 @@ impl Database {
     /// (unless another loader holds the file right now).
     pub async fn record_transient(&self, file: FileRef<'_>, stage: Stage, message: &str) -> Result<(), LoadError> {
         match self {
-            Database::Postgres(s) => s.record_transient(file, stage, message).await,
-            Database::MySql(s) => s.record_transient(file, stage, message).await,
+            Database::Postgres(s) => s.ledger().record_transient(file, stage, message).await,
+            Database::MySql(s) => s.ledger().record_transient(file, stage, message).await,
             Database::Redshift(s) => s.record_transient(&file.id(), stage, message).await,
-            Database::Sqlite(s) => s.record_transient(file, stage, message).await,
+            Database::Sqlite(s) => s.ledger().record_transient(file, stage, message).await,
         }
         .map_err(|e| db_error(e, Stage::Database))
     }
@@ -163,10 +155,10 @@ impl Database {
     /// Lets failed versions of `key` be loaded again (for `retry-failed`).
     pub async fn reset_failed(&self, source: &str, key: &str) -> Result<u64, LoadError> {
         match self {
-            Database::Postgres(s) => s.reset_failed(source, key).await,
-            Database::MySql(s) => s.reset_failed(source, key).await,
+            Database::Postgres(s) => s.ledger().reset_failed(source, key).await,
+            Database::MySql(s) => s.ledger().reset_failed(source, key).await,
             Database::Redshift(s) => s.reset_failed(source, key).await,
-            Database::Sqlite(s) => s.reset_failed(source, key).await,
+            Database::Sqlite(s) => s.ledger().reset_failed(source, key).await,
         }
         .map_err(|e| db_error(e, Stage::Database))
     }
@@ -199,12 +191,27 @@ impl Database {
     }
 }
 
-/// The rows of a stream opened in [`Mode::Rows`].
-pub(crate) fn rows_of(stream: Stream) -> Decoded {
-    match stream {
-        Stream::Rows(decoded) => decoded,
-        Stream::Raw(_) => unreachable!("opened in Mode::Rows"),
+/// A file opened as rows, its header checked and its first batch read: what planning needs.
+pub(crate) struct Opened {
+    pub decoded: Decoded,
+    /// The header as column names.
+    pub columns: Vec<String>,
+    pub first: Option<Batch>,
+}
+
+/// Opens the file's rows; `None` for a 0-byte file (nothing to load, nothing to create).
+pub(crate) async fn open_rows(reader: &FileReader<'_>) -> Result<Option<Opened>, LoadError> {
+    let mut decoded = reader.rows().await?;
+    if decoded.header.is_empty() {
+        return Ok(None);
     }
+    let columns = file_columns(&decoded.header)?;
+    let first = decoded.next_batch().await?;
+    Ok(Some(Opened {
+        decoded,
+        columns,
+        first,
+    }))
 }
 
 impl Database {
@@ -266,8 +273,7 @@ pub fn quote_ident(name: &str) -> String {
     format!("\"{name}\"")
 }
 
-/// The most columns a file may have (PostgreSQL's limit per table; others allow more).
-pub const MAX_COLUMNS: usize = 1600;
+pub use crate::schema::MAX_COLUMNS;
 
 /// The file's header as column names: each must be a safe identifier, once.
 pub fn file_columns(header: &[String]) -> Result<Vec<String>, FileError> {

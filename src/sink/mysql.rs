@@ -7,24 +7,57 @@
 //! or an added column behind, never rows). Sessions use `ANSI_QUOTES` (identifiers are
 //! double-quoted, as elsewhere in the loader), strict mode and UTC.
 //!
-//! Leases: a loader that dies releases its claims when its connections close; a frozen loader
-//! keeps them until the server drops its connection (`wait_timeout`). The takeover of expired
-//! leases is PostgreSQL's only.
+//! Claims: a named lock (`GET_LOCK`, tried without waiting) held by the connection that runs
+//! the load's transaction, released after it ends. A loader that dies releases its claims when
+//! its connections close; a frozen loader keeps them until the server drops its connection
+//! (`wait_timeout`). The takeover of expired leases is PostgreSQL's only.
 
 use std::str::FromStr;
 
-use sqlx::mysql::{MySql, MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
+use sqlx::mysql::{MySql, MySqlConnectOptions, MySqlConnection, MySqlPool, MySqlPoolOptions};
+use sqlx::pool::PoolConnection;
 use sqlx::{AssertSqlSafe, Transaction};
 
-use super::{
-    FileRef, LedgerRow, Lineage, LoadOutcome, SinkOptions, append_history, db_error, file_columns, outcome_of_state,
-    plan_load, quote_ident, retries_exhausted, rows_of, state,
-};
+use super::insert::{self, Insert};
+use super::protocol::{Dialect, FileSink, Ledger};
+use super::{FileRef, Lineage, SinkOptions, db_error, open_rows, plan_load, quote_ident};
 use crate::config::Config;
-use crate::error::{FileError, FileErrorKind, LoadError, Stage};
-use crate::format::{Mode, Stream};
+use crate::error::{FileErrorKind, LoadError, Stage};
+use crate::reader::FileReader;
 use crate::routes::{LoadSpec, WriteMode};
 use crate::schema::{ColumnType, INFERENCE_SAMPLE_ROWS, Value, decimal_scale};
+
+/// The ledger's SQL in MySQL and MariaDB.
+const DIALECT: Dialect = Dialect {
+    numbered: false,
+    now: "CURRENT_TIMESTAMP(6)",
+    attempts: "CAST(attempts AS SIGNED)",
+    lock_row: " FOR UPDATE",
+    begin: None,
+    upsert_returning: false,
+    insert_ignore: ("INSERT IGNORE INTO", ""),
+};
+
+/// A claim: the connection holding the file's named lock. Dropped without
+/// its release (a panic, a cancelled load), the connection is closed rather than
+/// returned to the pool, so the server frees the lock and rolls back what it had open.
+pub struct MySqlClaim {
+    conn: Option<PoolConnection<MySql>>,
+    name: String,
+}
+
+impl Drop for MySqlClaim {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            drop(conn.detach());
+        }
+    }
+}
+
+/// The named lock of a file (names are server-wide and at most 64 characters).
+fn lock_name(id: &str) -> String {
+    format!("s3-sql-loader:{}", &id[..id.len().min(48)])
+}
 
 /// MySQL's limit on placeholders in one statement.
 const MAX_PARAMS: usize = 65_535;
@@ -34,6 +67,7 @@ const MAX_ROWS_PER_INSERT: usize = 500;
 pub struct MySqlSink {
     pool: MySqlPool,
     options: SinkOptions,
+    ledger: Ledger<MySql>,
 }
 
 impl MySqlSink {
@@ -64,11 +98,12 @@ impl MySqlSink {
                 })
             })
             .connect_lazy_with(connect);
-        Ok(MySqlSink { pool, options })
+        let ledger = Ledger::new(pool.clone(), &options, DIALECT, None);
+        Ok(MySqlSink { pool, options, ledger })
     }
 
-    pub async fn ping(&self) -> Result<(), sqlx::Error> {
-        sqlx::query("SELECT 1").execute(&self.pool).await.map(|_| ())
+    pub(crate) fn ledger(&self) -> &Ledger<MySql> {
+        &self.ledger
     }
 
     pub async fn table_exists(&self, table: &str) -> Result<bool, sqlx::Error> {
@@ -113,148 +148,6 @@ impl MySqlSink {
         Ok(())
     }
 
-    pub async fn reset_failed(&self, source: &str, key: &str) -> Result<u64, sqlx::Error> {
-        let sql = format!(
-            "UPDATE {} SET state = 'pending', error = NULL, updated_at = CURRENT_TIMESTAMP(6) WHERE source = ? AND object_key = ? AND state = 'failed'",
-            self.options.ledger
-        );
-        Ok(sqlx::query(AssertSqlSafe(sql))
-            .bind(source)
-            .bind(key)
-            .execute(&self.pool)
-            .await?
-            .rows_affected())
-    }
-
-    pub async fn record_transient(&self, file: FileRef<'_>, stage: Stage, message: &str) -> Result<(), sqlx::Error> {
-        let ledger = &self.options.ledger;
-        let mut tx = self.pool.begin().await?;
-        let history: Option<(Option<String>,)> = sqlx::query_as(AssertSqlSafe(format!(
-            "SELECT history FROM {ledger} WHERE file_id = ? AND state = 'pending' FOR UPDATE SKIP LOCKED"
-        )))
-        .bind(file.id())
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some((history,)) = history {
-            sqlx::query(AssertSqlSafe(format!(
-                "UPDATE {ledger} SET attempts = attempts + 1, history = ?, updated_at = CURRENT_TIMESTAMP(6) WHERE file_id = ?"
-            )))
-            .bind(append_history(history.as_deref(), stage, message))
-            .bind(file.id())
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await
-    }
-
-    pub async fn load<F, Fut>(&self, file: FileRef<'_>, spec: &LoadSpec, open: F) -> Result<LoadOutcome, LoadError>
-    where
-        F: Fn(Mode) -> Fut,
-        Fut: std::future::Future<Output = Result<Stream, LoadError>>,
-    {
-        let ledger = &self.options.ledger;
-        let id = file.id();
-        let db = |e| db_error(e, Stage::Database);
-        // Only when absent: an INSERT meeting the row while another load holds it would wait.
-        let known: Option<(i64,)> = sqlx::query_as(AssertSqlSafe(format!("SELECT 1 FROM {ledger} WHERE file_id = ?")))
-            .bind(&id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(db)?;
-        if known.is_none() {
-            sqlx::query(AssertSqlSafe(format!(
-                "INSERT IGNORE INTO {ledger} (file_id, source, object_key, etag, state, byte_count) VALUES (?, ?, ?, ?, 'pending', ?)"
-            )))
-            .bind(&id)
-            .bind(file.source)
-            .bind(file.key)
-            .bind(file.etag)
-            .bind(file.size as i64)
-            .execute(&self.pool)
-            .await
-            .map_err(db)?;
-        }
-        let mut tx = self.pool.begin().await.map_err(db)?;
-        let row: Option<LedgerRow> = sqlx::query_as(AssertSqlSafe(format!(
-            "SELECT state, row_count, error, CAST(attempts AS SIGNED), history FROM {ledger} WHERE file_id = ? FOR UPDATE SKIP LOCKED"
-        )))
-        .bind(&id)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(db)?;
-        let Some((current, rows, error, attempts, history)) = row else {
-            return Ok(LoadOutcome::Busy);
-        };
-        if let Some(done) = outcome_of_state(&current, rows, error) {
-            return Ok(done);
-        }
-        if attempts >= i64::from(self.options.max_attempts) {
-            let error = retries_exhausted(attempts, history.as_deref());
-            self.mark_failed(&mut tx, &id, &error, spec.table.as_ref().ok()).await?;
-            tx.commit().await.map_err(db)?;
-            return Ok(LoadOutcome::Failed(error));
-        }
-        sqlx::query("SAVEPOINT file_rows").execute(&mut *tx).await.map_err(db)?;
-        let table = spec.table.as_ref().ok().cloned();
-        match self.insert_rows(&mut tx, file, spec, open).await {
-            Ok(rows) => {
-                sqlx::query("RELEASE SAVEPOINT file_rows")
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db)?;
-                sqlx::query(AssertSqlSafe(format!(
-                    "UPDATE {ledger} SET state = '{}', row_count = ?, target_table = ?, error = NULL,
-                     attempts = attempts + 1, claimed_by = ?, loaded_at = CURRENT_TIMESTAMP(6),
-                     updated_at = CURRENT_TIMESTAMP(6) WHERE file_id = ?",
-                    state::LOADED
-                )))
-                .bind(rows as i64)
-                .bind(table)
-                .bind(&self.options.owner)
-                .bind(&id)
-                .execute(&mut *tx)
-                .await
-                .map_err(db)?;
-                tx.commit().await.map_err(db)?;
-                Ok(LoadOutcome::Loaded { rows })
-            }
-            Err(LoadError::Permanent(error)) => {
-                sqlx::query("ROLLBACK TO SAVEPOINT file_rows")
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db)?;
-                self.mark_failed(&mut tx, &id, &error, table.as_ref()).await?;
-                tx.commit().await.map_err(db)?;
-                Ok(LoadOutcome::Failed(error))
-            }
-            // Dropping the transaction rolls it back: nothing of the file stays.
-            Err(transient) => Err(transient),
-        }
-    }
-
-    async fn mark_failed(
-        &self,
-        tx: &mut Transaction<'static, MySql>,
-        id: &str,
-        error: &FileError,
-        table: Option<&String>,
-    ) -> Result<(), LoadError> {
-        sqlx::query(AssertSqlSafe(format!(
-            "UPDATE {} SET state = '{}', error = ?, target_table = ?, attempts = attempts + 1, claimed_by = ?,
-             updated_at = CURRENT_TIMESTAMP(6) WHERE file_id = ?",
-            self.options.ledger,
-            state::FAILED
-        )))
-        .bind(serde_json::to_string(error).unwrap_or_default())
-        .bind(table)
-        .bind(&self.options.owner)
-        .bind(id)
-        .execute(&mut **tx)
-        .await
-        .map_err(|e| db_error(e, Stage::Database))?;
-        Ok(())
-    }
-
     /// The table's columns, read on a connection of its own: in MySQL a transaction that looked
     /// at a table holds a metadata lock on it, which the DDL below would wait for.
     /// With the precision and scale of each DECIMAL column.
@@ -286,25 +179,23 @@ impl MySqlSink {
         Ok(((!columns.is_empty()).then_some(columns), scales))
     }
 
-    async fn insert_rows<F, Fut>(
+    async fn insert_rows(
         &self,
-        tx: &mut Transaction<'static, MySql>,
+        conn: &mut MySqlConnection,
         file: FileRef<'_>,
         spec: &LoadSpec,
-        open: F,
-    ) -> Result<u64, LoadError>
-    where
-        F: Fn(Mode) -> Fut,
-        Fut: std::future::Future<Output = Result<Stream, LoadError>>,
-    {
+        reader: &FileReader<'_>,
+    ) -> Result<u64, LoadError> {
         let db = |e| db_error(e, Stage::Database);
         let table = spec.table.clone()?;
-        let mut decoded = rows_of(open(Mode::Rows).await?);
-        if decoded.header.is_empty() {
+        let Some(super::Opened {
+            mut decoded,
+            columns: file_cols,
+            first,
+        }) = open_rows(reader).await?
+        else {
             return Ok(0);
-        }
-        let file_cols = file_columns(&decoded.header)?;
-        let first = decoded.next_batch().await?;
+        };
         let (existing, mut scales) = self.table_columns(&table).await?;
         if first.is_none() && existing.is_none() {
             return Ok(0); // header only: no rows, and no sample to create the table from
@@ -338,43 +229,21 @@ impl MySqlSink {
         };
         let upsert = spec.write_mode == WriteMode::Upsert;
         if let Some(types) = &plan.create {
-            let definition = plan
-                .columns
-                .iter()
-                .zip(types)
-                .map(|(c, t)| format!("{} {}", quote_ident(c), column_type(c, *t)))
-                .collect::<Vec<_>>()
-                .join(", ");
-            let key = match upsert {
-                true => format!(
-                    ", PRIMARY KEY ({})",
-                    spec.key_columns
-                        .iter()
-                        .map(|c| quote_ident(c))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-                false => String::new(),
-            };
-            sqlx::query(AssertSqlSafe(format!(
-                "CREATE TABLE IF NOT EXISTS {} ({definition}{key}) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4",
-                quote_ident(&table)
-            )))
-            .execute(&self.pool)
-            .await
-            .map_err(db)?;
+            let keys = upsert.then_some(spec.key_columns.as_slice());
+            let sql = insert::create_table(
+                &table,
+                &plan.columns,
+                types,
+                keys,
+                |c, t| column_type(&c.to_string(), t),
+                " ENGINE = InnoDB DEFAULT CHARSET = utf8mb4",
+            );
+            sqlx::query(AssertSqlSafe(sql)).execute(&self.pool).await.map_err(db)?;
             tracing::info!(db.table = %table, "created table");
         }
         for (column, ty) in &plan.add {
-            sqlx::query(AssertSqlSafe(format!(
-                "ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}",
-                quote_ident(&table),
-                quote_ident(column),
-                column_type(column, *ty)
-            )))
-            .execute(&self.pool)
-            .await
-            .map_err(db)?;
+            let sql = insert::add_column(&table, column, &column_type(column, *ty), true);
+            sqlx::query(AssertSqlSafe(sql)).execute(&self.pool).await.map_err(db)?;
             tracing::info!(db.table = %table, db.column = %column, "added a column");
         }
         // Another load may have created the table or added a column first (IF NOT EXISTS then
@@ -386,7 +255,6 @@ impl MySqlSink {
         } else {
             plan
         };
-        let width = plan.columns.len();
         let on_duplicate = if upsert {
             let updates: Vec<String> = plan
                 .columns
@@ -403,74 +271,96 @@ impl MySqlSink {
         } else {
             String::new()
         };
-        let rows_per_insert = (MAX_PARAMS / width).clamp(1, MAX_ROWS_PER_INSERT);
-        let insert = |rows: usize| {
-            let placeholders = format!("({})", vec!["?"; width].join(", "));
-            format!(
-                "INSERT INTO {} ({}) VALUES {}{on_duplicate}",
-                quote_ident(&table),
-                plan.columns
-                    .iter()
-                    .map(|c| quote_ident(c))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                vec![placeholders; rows].join(", ")
-            )
-        };
+        let insert = Insert::new(&table, &plan.columns, on_duplicate, MAX_PARAMS, MAX_ROWS_PER_INSERT);
         let lineage = spec.metadata_columns.then(|| Lineage::new(&file));
         let lineage_time = lineage.as_ref().map(|l| utc_datetime(&l.loaded_at).unwrap_or_default());
-        let full_insert = insert(rows_per_insert);
         let limits: Vec<Option<(usize, usize)>> = plan.columns.iter().map(|c| scales.get(c).copied()).collect();
-        let mut total = 0u64;
-        let mut batch = first;
-        while let Some(b) = batch {
-            let mut start = 0;
-            while start < b.len() {
-                let end = (start + rows_per_insert).min(b.len());
-                let sql = if end - start == rows_per_insert {
-                    full_insert.clone()
-                } else {
-                    insert(end - start)
-                };
-                let mut query = sqlx::query(AssertSqlSafe(sql));
-                for r in start..end {
-                    for (((value, ty), column), limit) in b.row(r).zip(&plan.types).zip(&plan.columns).zip(&limits) {
-                        let type_error = |m: String| b.error_at(r, column, FileErrorKind::Type, m);
-                        // A DATETIME column also takes timestamps with an offset, in UTC (a
-                        // table created for them has DATETIME(6) columns, read back as such).
-                        let ty = match (ty, value) {
-                            (ColumnType::Timestamp, Some(v)) if ColumnType::TimestampTz.accepts(v) => {
-                                &ColumnType::TimestampTz
-                            }
-                            _ => ty,
-                        };
-                        let value = ty.convert(value).map_err(type_error)?;
-                        if let (Value::Text(t), Some((precision, scale))) = (value, limit) {
-                            check_decimal(t, *precision, *scale).map_err(type_error)?;
+        insert
+            .write_all::<MySql, _>(conn, first, &mut decoded, |mut query, b, r| {
+                for (((value, ty), column), limit) in b.row(r).zip(&plan.types).zip(&plan.columns).zip(&limits) {
+                    let type_error = |m: String| b.error_at(r, column, FileErrorKind::Type, m);
+                    // A DATETIME column also takes timestamps with an offset, in UTC (a
+                    // table created for them has DATETIME(6) columns, read back as such).
+                    let ty = match (ty, value) {
+                        (ColumnType::Timestamp, Some(v)) if ColumnType::TimestampTz.accepts(v) => {
+                            &ColumnType::TimestampTz
                         }
-                        query = match (value, ty) {
-                            (Value::Text(t), ColumnType::TimestampTz) => query.bind(
-                                utc_datetime(t).ok_or_else(|| type_error(format!("{t:?} is not a valid timestamp")))?,
-                            ),
-                            (Value::Null, _) => query.bind(None::<&str>),
-                            (Value::Integer(i), _) => query.bind(i),
-                            (Value::Float(f), _) => query.bind(f),
-                            (Value::Boolean(v), _) => query.bind(v),
-                            (Value::Text(t), _) => query.bind(t),
-                        };
+                        _ => ty,
+                    };
+                    let value = ty.convert(value).map_err(type_error)?;
+                    if let (Value::Text(t), Some((precision, scale))) = (value, limit) {
+                        check_decimal(t, *precision, *scale).map_err(type_error)?;
                     }
-                    if let (Some(l), Some(at)) = (&lineage, &lineage_time) {
-                        query = query.bind(l.source_key.clone()).bind(l.etag.clone()).bind(at.clone());
-                        query = query.bind(b.line(r) as i64);
-                    }
+                    query = match (value, ty) {
+                        (Value::Text(t), ColumnType::TimestampTz) => query.bind(
+                            utc_datetime(t).ok_or_else(|| type_error(format!("{t:?} is not a valid timestamp")))?,
+                        ),
+                        (Value::Null, _) => query.bind(None::<&str>),
+                        (Value::Integer(i), _) => query.bind(i),
+                        (Value::Float(f), _) => query.bind(f),
+                        (Value::Boolean(v), _) => query.bind(v),
+                        (Value::Text(t), _) => query.bind(t),
+                    };
                 }
-                query.execute(&mut **tx).await.map_err(db)?;
-                total += (end - start) as u64;
-                start = end;
-            }
-            batch = decoded.next_batch().await?;
+                if let (Some(l), Some(at)) = (&lineage, &lineage_time) {
+                    query = query
+                        .bind(l.source_key.clone())
+                        .bind(l.etag.clone())
+                        .bind(at.clone())
+                        .bind(b.line(r) as i64);
+                }
+                Ok(query)
+            })
+            .await
+    }
+}
+
+impl FileSink for MySqlSink {
+    type Db = MySql;
+    type Claim = MySqlClaim;
+
+    /// The file's named lock, tried without waiting, on the connection the load will use.
+    async fn claim(&self, id: &str) -> Result<Option<MySqlClaim>, sqlx::Error> {
+        let mut conn = self.pool.acquire().await?;
+        let name = lock_name(id);
+        let got: Option<i64> = sqlx::query_scalar("SELECT CAST(GET_LOCK(?, 0) AS SIGNED)")
+            .bind(&name)
+            .fetch_one(&mut *conn)
+            .await?;
+        Ok((got == Some(1)).then(|| MySqlClaim { conn: Some(conn), name }))
+    }
+
+    async fn begin<'c>(&'c self, claim: &'c mut MySqlClaim) -> Result<Transaction<'c, MySql>, sqlx::Error> {
+        match claim.conn.as_mut() {
+            Some(conn) => sqlx::Connection::begin(&mut **conn).await,
+            None => Err(sqlx::Error::Protocol("the claim was released already".into())),
         }
-        Ok(total)
+    }
+
+    async fn write_rows(
+        &self,
+        conn: &mut MySqlConnection,
+        file: FileRef<'_>,
+        spec: &LoadSpec,
+        reader: &FileReader<'_>,
+        // DDL commits implicitly in MySQL, outside the load: nothing is widened here.
+        _new_columns: &mut Vec<(String, ColumnType)>,
+    ) -> Result<u64, LoadError> {
+        self.insert_rows(conn, file, spec, reader).await
+    }
+
+    /// After the transaction ended (a rollback still pending runs first, on the same connection).
+    async fn release(&self, mut claim: MySqlClaim, _id: &str) {
+        let Some(mut conn) = claim.conn.take() else { return };
+        let released = sqlx::query("DO RELEASE_LOCK(?)")
+            .bind(&claim.name)
+            .execute(&mut *conn)
+            .await;
+        if let Err(e) = released {
+            // The connection is closed instead; the server frees the lock with it.
+            tracing::debug!(error.message = %e, "could not release the claim's lock");
+            drop(conn.detach());
+        }
     }
 }
 

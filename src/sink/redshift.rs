@@ -23,74 +23,13 @@ use super::{
     LoadOutcome, SinkOptions, append_history, db_error, file_columns, outcome_of_state, quote_ident, retries_exhausted,
 };
 use crate::config::Config;
+use crate::config::redshift::{CopyMode, RedshiftConfig};
 use crate::error::{FileError, FileErrorKind, LoadError, Stage};
-use crate::format::{self, Compression, Format, FormatOptions, Mode, Stream};
+use crate::format::{self, Compression, Format, FormatOptions};
+use crate::reader::FileReader;
 use crate::routes::LoadSpec;
 use crate::schema::{ColumnType, TypeInference};
 use crate::source::{INCOMING, ObjectMeta, Source};
-
-/// `[redshift]`: only for `redshift://` database URLs.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RedshiftConfig {
-    /// The IAM role Redshift assumes to read the bucket (`IAM_ROLE` of COPY).
-    pub iam_role: String,
-    /// Where manifests are written, under the source root.
-    pub manifest_prefix: String,
-    /// The bucket's region, when it differs from the cluster's (`REGION` of COPY).
-    pub region: Option<String>,
-    /// `redshift` (default) or `postgres-emulation` (tests only: see the module docs).
-    pub copy: CopyMode,
-}
-
-impl Default for RedshiftConfig {
-    fn default() -> Self {
-        Self {
-            iam_role: String::new(),
-            manifest_prefix: "manifests/".into(),
-            region: None,
-            copy: CopyMode::Redshift,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum CopyMode {
-    #[default]
-    Redshift,
-    PostgresEmulation,
-}
-
-impl RedshiftConfig {
-    pub fn problems(&self) -> Vec<String> {
-        let mut problems = Vec::new();
-        let role = &self.iam_role;
-        let valid = role.starts_with("arn:aws")
-            && role.contains(":iam::")
-            && role.contains(":role/")
-            && role
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b":/-_+=,.@".contains(&b));
-        if !valid {
-            problems.push(format!(
-                "redshift.iam_role: expected an IAM role ARN (arn:aws:iam::ACCOUNT:role/NAME), got {role:?}"
-            ));
-        }
-        if !self.manifest_prefix.ends_with('/') || self.manifest_prefix.starts_with('/') {
-            problems.push("redshift.manifest_prefix: a folder such as \"manifests/\"".into());
-        }
-        let region_ok = |r: &String| {
-            !r.is_empty()
-                && r.bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        };
-        if let Some(r) = self.region.as_ref().filter(|r| !region_ok(r)) {
-            problems.push(format!("redshift.region: {r:?} is not a region name"));
-        }
-        problems
-    }
-}
 
 /// A Redshift COPY manifest.
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
@@ -647,19 +586,7 @@ async fn read_header(
     file: &ObjectMeta,
     spec: &LoadSpec,
 ) -> Result<(Vec<String>, Vec<Option<ColumnType>>, Option<format::Batch>), LoadError> {
-    let opened = source.open(file).await.map_err(|e| e.into_load_error(Stage::Get))?;
-    let stream = format::open(
-        opened.reader,
-        &file.key,
-        opened.content_encoding.as_deref(),
-        spec.format.clone(),
-        Mode::Rows,
-    )
-    .await
-    .map_err(LoadError::from)?;
-    let Stream::Rows(mut decoded) = stream else {
-        unreachable!("opened in Mode::Rows")
-    };
+    let mut decoded = FileReader::new(source, file, &spec.format).rows().await?;
     let sample = decoded.next_batch().await.map_err(LoadError::from)?;
     Ok((decoded.header, decoded.types, sample))
 }
@@ -687,22 +614,10 @@ async fn emulate_copy(
             .execute(&mut **tx)
             .await
             .map_err(|e| db_error(e, Stage::Database))?;
-        let opened = source.open(file).await.map_err(|e| e.into_load_error(Stage::Get))?;
-        let mut decoded = match format::open(
-            opened.reader,
-            &file.key,
-            opened.content_encoding.as_deref(),
-            spec.format.clone(),
-            Mode::Rows,
-        )
-        .await
-        {
-            Ok(Stream::Rows(d)) => d,
-            Ok(Stream::Raw(_)) => unreachable!("opened in Mode::Rows"),
-            Err(e) => match LoadError::from(e) {
-                LoadError::Permanent(fe) => return Ok(Copied::Rejected(HashMap::from([(entry.url.clone(), fe)]))),
-                t => return Err(t),
-            },
+        let mut decoded = match FileReader::new(source, file, &spec.format).rows().await {
+            Ok(d) => d,
+            Err(LoadError::Permanent(fe)) => return Ok(Copied::Rejected(HashMap::from([(entry.url.clone(), fe)]))),
+            Err(t) => return Err(t),
         };
         let statement = format!(
             "COPY {} ({}) FROM STDIN WITH (FORMAT csv)",

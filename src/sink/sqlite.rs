@@ -6,19 +6,32 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{AssertSqlSafe, Sqlite, Transaction};
-use tokio::sync::Mutex;
+use std::sync::Arc;
 
-use super::{
-    FileRef, LedgerRow, Lineage, LoadOutcome, SinkOptions, append_history, db_error, file_columns, outcome_of_state,
-    plan_load, quote_ident, retries_exhausted, rows_of, state, widened_spec,
-};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{AssertSqlSafe, Sqlite, SqliteConnection, Transaction};
+use tokio::sync::{Mutex, OwnedMutexGuard};
+
+use super::insert::{self, Insert};
+use super::protocol::{Dialect, FileSink, Ledger};
+use super::{FileRef, Lineage, SinkOptions, db_error, open_rows, plan_load, quote_ident};
 use crate::config::Config;
-use crate::error::{FileError, FileErrorKind, LoadError, Stage};
-use crate::format::{Mode, Stream};
+use crate::error::{FileErrorKind, LoadError, Stage};
+use crate::reader::FileReader;
 use crate::routes::{LoadSpec, WriteMode};
 use crate::schema::{ColumnType, Value};
+
+/// The ledger's SQL in SQLite.
+const DIALECT: Dialect = Dialect {
+    numbered: false,
+    now: "CURRENT_TIMESTAMP",
+    attempts: "attempts",
+    // BEGIN IMMEDIATE takes the (single) write lock: nothing changes the row until commit.
+    lock_row: "",
+    begin: Some("BEGIN IMMEDIATE"),
+    upsert_returning: true,
+    insert_ignore: ("INSERT INTO", " ON CONFLICT (file_id) DO NOTHING"),
+};
 
 /// SQLite's limit on bound parameters per statement (since 3.32).
 const MAX_PARAMS: usize = 32766;
@@ -28,8 +41,10 @@ const MAX_ROWS_PER_INSERT: usize = 256;
 pub struct SqliteSink {
     pool: SqlitePool,
     options: SinkOptions,
+    ledger: Ledger<Sqlite>,
     /// Why: SQLite allows one writer at a time; queueing here is cheaper than busy retries.
-    write_lock: Mutex<()>,
+    /// Holding it is a load's claim.
+    write_lock: Arc<Mutex<()>>,
 }
 
 impl SqliteSink {
@@ -52,15 +67,18 @@ impl SqliteSink {
             .max_connections(config.max_connections())
             .acquire_timeout(config.database.connect_timeout)
             .connect_lazy_with(connect);
+        let write_lock = Arc::new(Mutex::new(()));
+        let ledger = Ledger::new(pool.clone(), &options, DIALECT, Some(write_lock.clone()));
         Ok(SqliteSink {
             pool,
             options,
-            write_lock: Mutex::new(()),
+            ledger,
+            write_lock,
         })
     }
 
-    pub async fn ping(&self) -> Result<(), sqlx::Error> {
-        sqlx::query("SELECT 1").execute(&self.pool).await.map(|_| ())
+    pub(crate) fn ledger(&self) -> &Ledger<Sqlite> {
+        &self.ledger
     }
 
     pub async fn table_exists(&self, table: &str) -> Result<bool, sqlx::Error> {
@@ -112,197 +130,56 @@ impl SqliteSink {
         .await?;
         Ok(())
     }
+}
 
-    pub async fn reset_failed(&self, source: &str, key: &str) -> Result<u64, sqlx::Error> {
-        let _writer = self.write_lock.lock().await;
-        let sql = format!(
-            "UPDATE {} SET state = 'pending', error = NULL, updated_at = CURRENT_TIMESTAMP WHERE source = ? AND object_key = ? AND state = 'failed'",
-            self.options.ledger
-        );
-        Ok(sqlx::query(AssertSqlSafe(sql))
-            .bind(source)
-            .bind(key)
-            .execute(&self.pool)
-            .await?
-            .rows_affected())
+impl FileSink for SqliteSink {
+    type Db = Sqlite;
+    type Claim = OwnedMutexGuard<()>;
+
+    /// The single writer: a load in this process waits for the one before it (other
+    /// processes wait on SQLite's own lock, up to the busy timeout).
+    async fn claim(&self, _id: &str) -> Result<Option<Self::Claim>, sqlx::Error> {
+        Ok(Some(self.write_lock.clone().lock_owned().await))
     }
 
-    pub async fn load<F, Fut>(&self, file: FileRef<'_>, spec: &LoadSpec, open: F) -> Result<LoadOutcome, LoadError>
-    where
-        F: Fn(Mode) -> Fut,
-        Fut: std::future::Future<Output = Result<Stream, LoadError>>,
-    {
-        let ledger = &self.options.ledger;
-        let id = file.id();
-        let db = |e| db_error(e, Stage::Database);
-        let _writer = self.write_lock.lock().await;
-        // IMMEDIATE takes the write lock now, so the ledger check below cannot go stale.
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(db)?;
-        sqlx::query(AssertSqlSafe(format!(
-            "INSERT OR IGNORE INTO {ledger} (file_id, source, object_key, etag, state, byte_count)
-             VALUES (?, ?, ?, ?, 'pending', ?)"
-        )))
-        .bind(&id)
-        .bind(file.source)
-        .bind(file.key)
-        .bind(file.etag)
-        .bind(file.size as i64)
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?;
-        let (current, rows, error, attempts, history): LedgerRow = sqlx::query_as(AssertSqlSafe(format!(
-            "SELECT state, row_count, error, attempts, history FROM {ledger} WHERE file_id = ?"
-        )))
-        .bind(&id)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(db)?;
-        if let Some(done) = outcome_of_state(&current, rows, error) {
-            return Ok(done);
-        }
-        if attempts >= i64::from(self.options.max_attempts) {
-            // Its attempts are used up (the last ones may have died mid-load).
-            let error = retries_exhausted(attempts, history.as_deref());
-            self.mark_failed(&mut tx, &id, &error, spec.table.as_ref().ok()).await?;
-            tx.commit().await.map_err(db)?;
-            return Ok(LoadOutcome::Failed(error));
-        }
-        sqlx::query(AssertSqlSafe(format!(
-            "UPDATE {ledger} SET attempts = attempts + 1, claimed_by = ?, updated_at = CURRENT_TIMESTAMP WHERE file_id = ?"
-        )))
-        .bind(&self.options.owner)
-        .bind(&id)
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?;
-        // The attempt counts now, committed before the load (one writer: the lock above is
-        // held throughout, so nothing changes in between): a load that kills the process
-        // still counts, so a file that always does ends in failed/.
-        tx.commit().await.map_err(db)?;
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(db)?;
-
-        sqlx::query("SAVEPOINT file_rows").execute(&mut *tx).await.map_err(db)?;
-        let table = spec.table.as_ref().ok().cloned();
-        let mut spec = std::borrow::Cow::Borrowed(spec);
-        let inserted = loop {
-            let mut new_columns = Vec::new();
-            let inserted = self.insert_rows(&mut tx, file, &spec, &open, &mut new_columns).await;
-            // A value that does not fit a column this load created: undo the attempt (its
-            // CREATE TABLE included) and load again with that column widened.
-            match inserted
-                .as_ref()
-                .err()
-                .and_then(|e| widened_spec(e, &new_columns, &spec))
-            {
-                Some(wider) => {
-                    sqlx::query("ROLLBACK TO SAVEPOINT file_rows")
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(db)?;
-                    spec = std::borrow::Cow::Owned(wider);
-                }
-                None => break inserted,
-            }
-        };
-        match inserted {
-            Ok(rows) => {
-                sqlx::query("RELEASE SAVEPOINT file_rows")
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db)?;
-                sqlx::query(AssertSqlSafe(format!(
-                    "UPDATE {ledger} SET state = '{}', row_count = ?, target_table = ?, error = NULL,
-                     loaded_at = CURRENT_TIMESTAMP, updated_at = CURRENT_TIMESTAMP WHERE file_id = ?",
-                    state::LOADED
-                )))
-                .bind(rows as i64)
-                .bind(table)
-                .bind(&id)
-                .execute(&mut *tx)
-                .await
-                .map_err(db)?;
-                tx.commit().await.map_err(db)?;
-                Ok(LoadOutcome::Loaded { rows })
-            }
-            Err(LoadError::Permanent(error)) => {
-                sqlx::query("ROLLBACK TO SAVEPOINT file_rows")
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db)?;
-                self.mark_failed(&mut tx, &id, &error, table.as_ref()).await?;
-                tx.commit().await.map_err(db)?;
-                Ok(LoadOutcome::Failed(error))
-            }
-            Err(transient) => Err(transient),
-        }
+    async fn begin<'c>(&'c self, _claim: &'c mut Self::Claim) -> Result<Transaction<'c, Sqlite>, sqlx::Error> {
+        // IMMEDIATE takes the write lock now, so nothing the load read can go stale.
+        self.pool.begin_with("BEGIN IMMEDIATE").await
     }
 
-    async fn mark_failed(
+    async fn write_rows(
         &self,
-        tx: &mut Transaction<'static, Sqlite>,
-        id: &str,
-        error: &FileError,
-        table: Option<&String>,
-    ) -> Result<(), LoadError> {
-        sqlx::query(AssertSqlSafe(format!(
-            "UPDATE {} SET state = '{}', error = ?, target_table = ?, updated_at = CURRENT_TIMESTAMP WHERE file_id = ?",
-            self.options.ledger,
-            state::FAILED
-        )))
-        .bind(serde_json::to_string(error).unwrap_or_default())
-        .bind(table)
-        .bind(id)
-        .execute(&mut **tx)
-        .await
-        .map_err(|e| db_error(e, Stage::Database))?;
-        Ok(())
-    }
-
-    pub async fn record_transient(&self, file: FileRef<'_>, stage: Stage, message: &str) -> Result<(), sqlx::Error> {
-        let ledger = &self.options.ledger;
-        let _writer = self.write_lock.lock().await;
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let history: Option<(Option<String>,)> = sqlx::query_as(AssertSqlSafe(format!(
-            "SELECT history FROM {ledger} WHERE file_id = ? AND state = 'pending'"
-        )))
-        .bind(file.id())
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some((history,)) = history {
-            sqlx::query(AssertSqlSafe(format!(
-                "UPDATE {ledger} SET history = ?, updated_at = CURRENT_TIMESTAMP WHERE file_id = ?"
-            )))
-            .bind(append_history(history.as_deref(), stage, message))
-            .bind(file.id())
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await
-    }
-
-    async fn insert_rows<F, Fut>(
-        &self,
-        tx: &mut Transaction<'static, Sqlite>,
+        conn: &mut SqliteConnection,
         file: FileRef<'_>,
         spec: &LoadSpec,
-        open: &F,
+        reader: &FileReader<'_>,
         new_columns: &mut Vec<(String, ColumnType)>,
-    ) -> Result<u64, LoadError>
-    where
-        F: Fn(Mode) -> Fut,
-        Fut: std::future::Future<Output = Result<Stream, LoadError>>,
-    {
+    ) -> Result<u64, LoadError> {
+        self.insert_rows(conn, file, spec, reader, new_columns).await
+    }
+
+    async fn release(&self, claim: Self::Claim, _id: &str) {
+        drop(claim);
+    }
+}
+
+impl SqliteSink {
+    async fn insert_rows(
+        &self,
+        conn: &mut SqliteConnection,
+        file: FileRef<'_>,
+        spec: &LoadSpec,
+        reader: &FileReader<'_>,
+        new_columns: &mut Vec<(String, ColumnType)>,
+    ) -> Result<u64, LoadError> {
         let db = |e| db_error(e, Stage::Database);
         let table = spec.table.clone()?;
-        let mut decoded = rows_of(open(Mode::Rows).await?);
-        if decoded.header.is_empty() {
+        let Some(mut opened) = open_rows(reader).await? else {
             return Ok(0);
-        }
-        let file_cols = file_columns(&decoded.header)?;
-        let first = decoded.next_batch().await?;
+        };
         let existing: Vec<(String, String)> = sqlx::query_as("SELECT name, type FROM pragma_table_info(?)")
             .bind(&table)
-            .fetch_all(&mut **tx)
+            .fetch_all(&mut *conn)
             .await
             .map_err(db)?;
         // Columns whose declared type gives them NUMERIC affinity (`DECIMAL(10,2)`, `NUMBER`,
@@ -318,56 +195,34 @@ impl SqliteSink {
                 .map(|(n, t)| (n.to_ascii_lowercase(), affinity(&t)))
                 .collect::<Vec<_>>()
         });
-        if first.is_none() && existing.is_none() {
+        if opened.first.is_none() && existing.is_none() {
             return Ok(0); // header only: no rows, and no sample to create the table from
         }
-        let plan = plan_load(&table, &file_cols, &decoded.types, existing, spec, first.as_ref())?;
+        let plan = plan_load(
+            &table,
+            &opened.columns,
+            &opened.decoded.types,
+            existing,
+            spec,
+            opened.first.as_ref(),
+        )?;
         *new_columns = plan.new_columns();
         // Per planned column, decided once: does SQLite turn number-like text into numbers?
         let converting: Vec<bool> = plan.columns.iter().map(|c| converting.contains(c)).collect();
         let upsert = spec.write_mode == WriteMode::Upsert;
-        let keys = spec
-            .key_columns
-            .iter()
-            .map(|c| quote_ident(c))
-            .collect::<Vec<_>>()
-            .join(", ");
         if let Some(types) = &plan.create {
-            let definition = plan
-                .columns
-                .iter()
-                .zip(types)
-                .map(|(c, t)| format!("{} {}", quote_ident(c), sql_type(*t)))
-                .collect::<Vec<_>>()
-                .join(", ");
-            let key = if upsert {
-                format!(", PRIMARY KEY ({keys})")
-            } else {
-                String::new()
-            };
-            sqlx::query(AssertSqlSafe(format!(
-                "CREATE TABLE IF NOT EXISTS {} ({definition}{key})",
-                quote_ident(&table)
-            )))
-            .execute(&mut **tx)
-            .await
-            .map_err(db)?;
-            tracing::info!(db.table = %table, "created table");
+            let keys = upsert.then_some(spec.key_columns.as_slice());
+            let sql = insert::create_table(&table, &plan.columns, types, keys, |_, t| sql_type(t).into(), "");
+            sqlx::query(AssertSqlSafe(sql)).execute(&mut *conn).await.map_err(db)?;
+            tracing::info!(db.table = %table, "creating table (commits with the load)");
         }
         for (column, ty) in &plan.add {
-            sqlx::query(AssertSqlSafe(format!(
-                "ALTER TABLE {} ADD COLUMN {} {}",
-                quote_ident(&table),
-                quote_ident(column),
-                sql_type(*ty)
-            )))
-            .execute(&mut **tx)
-            .await
-            .map_err(db)?;
-            tracing::info!(db.table = %table, db.column = %column, "added a column");
+            let sql = insert::add_column(&table, column, sql_type(*ty), false);
+            sqlx::query(AssertSqlSafe(sql)).execute(&mut *conn).await.map_err(db)?;
+            tracing::info!(db.table = %table, db.column = %column, "adding a column (commits with the load)");
         }
-        let width = plan.columns.len();
         let on_conflict = if upsert {
+            let keys = insert::column_list(&spec.key_columns);
             let updates: Vec<String> = plan
                 .columns
                 .iter()
@@ -382,43 +237,18 @@ impl SqliteSink {
         } else {
             String::new()
         };
-        let rows_per_insert = (MAX_PARAMS / width).clamp(1, MAX_ROWS_PER_INSERT);
-        let insert = |rows: usize| {
-            let placeholders = format!("({})", vec!["?"; width].join(", "));
-            format!(
-                "INSERT INTO {} ({}) VALUES {}{on_conflict}",
-                quote_ident(&table),
-                plan.columns
-                    .iter()
-                    .map(|c| quote_ident(c))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                vec![placeholders; rows].join(", ")
-            )
-        };
+        let insert = Insert::new(&table, &plan.columns, on_conflict, MAX_PARAMS, MAX_ROWS_PER_INSERT);
         let lineage = spec.metadata_columns.then(|| Lineage::new(&file));
-        let full_insert = insert(rows_per_insert);
-        let mut total = 0u64;
-        let mut batch = first;
-        while let Some(b) = batch {
-            let mut start = 0;
-            while start < b.len() {
-                let end = (start + rows_per_insert).min(b.len());
-                let sql = if end - start == rows_per_insert {
-                    full_insert.clone()
-                } else {
-                    insert(end - start)
-                };
-                let mut query = sqlx::query(AssertSqlSafe(sql));
-                for r in start..end {
-                    for (((value, ty), column), converts) in
-                        b.row(r).zip(&plan.types).zip(&plan.columns).zip(&converting)
+        let first = opened.first.take();
+        insert
+            .write_all::<Sqlite, _>(conn, first, &mut opened.decoded, |mut query, b, r| {
+                for (((value, ty), column), converts) in b.row(r).zip(&plan.types).zip(&plan.columns).zip(&converting) {
+                    if let Some(v) = value
+                        && *converts
+                        && would_become_a_number(v)
                     {
-                        if let Some(v) = value
-                            && *converts
-                            && would_become_a_number(v)
-                        {
-                            return Err(b.error_at(
+                        return Err(b
+                            .error_at(
                                 r,
                                 column,
                                 FileErrorKind::Type,
@@ -427,33 +257,28 @@ impl SqliteSink {
                                 ),
                             )
                             .into());
-                        }
-                        let value = ty
-                            .convert(value)
-                            .map_err(|m| b.error_at(r, column, FileErrorKind::Type, m))?;
-                        query = bind_value(query, value);
                     }
-                    if let Some(l) = &lineage {
-                        query = query
-                            .bind(l.source_key.clone())
-                            .bind(l.etag.clone())
-                            .bind(l.loaded_at.clone());
-                        query = query.bind(b.line(r) as i64);
-                    }
+                    let value = ty
+                        .convert(value)
+                        .map_err(|m| b.error_at(r, column, FileErrorKind::Type, m))?;
+                    query = bind_value(query, value);
                 }
-                query.execute(&mut **tx).await.map_err(db)?;
-                total += (end - start) as u64;
-                start = end;
-            }
-            batch = decoded.next_batch().await?;
-        }
-        Ok(total)
+                if let Some(l) = &lineage {
+                    query = query
+                        .bind(l.source_key.clone())
+                        .bind(l.etag.clone())
+                        .bind(l.loaded_at.clone())
+                        .bind(b.line(r) as i64);
+                }
+                Ok(query)
+            })
+            .await
     }
 }
 
-type SqliteQuery<'q> = sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments>;
+type SqliteQuery = sqlx::query::Query<'static, Sqlite, sqlx::sqlite::SqliteArguments>;
 
-fn bind_value<'q>(query: SqliteQuery<'q>, value: Value<'q>) -> SqliteQuery<'q> {
+fn bind_value(query: SqliteQuery, value: Value<'_>) -> SqliteQuery {
     match value {
         Value::Null => query.bind(None::<&str>),
         Value::Integer(i) => query.bind(i),

@@ -11,6 +11,9 @@ use figment::providers::{Env, Format, Toml};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
+pub mod redshift;
+pub mod routes;
+
 /// The whole configuration. Unknown keys anywhere are an error.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -33,9 +36,9 @@ pub struct Config {
     /// stops the pipeline).
     pub limits: LimitsConfig,
     /// `[[routes]]`: key prefix or glob → table, format and load options.
-    pub routes: Vec<crate::routes::RouteConfig>,
+    pub routes: Vec<routes::RouteConfig>,
     /// Amazon Redshift's COPY settings (for `redshift://` database URLs).
-    pub redshift: crate::sink::redshift::RedshiftConfig,
+    pub redshift: redshift::RedshiftConfig,
 }
 
 impl Default for Config {
@@ -355,17 +358,16 @@ pub struct LimitsConfig {
 }
 
 impl Default for LimitsConfig {
+    /// See [`crate::format::InputLimits::default`], where each default is explained.
     fn default() -> Self {
+        let d = crate::format::InputLimits::default();
         Self {
-            // Why 16 MiB: a load holds a few records' worth (the reader's buffer, batches in
-            // flight), and workers.concurrency loads run at once in a pod of 256 MiB.
-            record_bytes: 16 << 20,
-            // Room for an 8 MiB value (a document or a blob in a CSV field) and its quoting.
-            field_bytes: 10 << 20,
-            columns: crate::sink::MAX_COLUMNS as u64,
-            json_keys: crate::sink::MAX_COLUMNS as u64,
-            decompressed_bytes: 64 << 30,
-            compression_ratio: 1000,
+            record_bytes: d.record_bytes as u64,
+            field_bytes: d.field_bytes as u64,
+            columns: d.columns as u64,
+            json_keys: d.json_keys as u64,
+            decompressed_bytes: d.decompressed_bytes,
+            compression_ratio: d.compression_ratio,
         }
     }
 }
@@ -398,7 +400,7 @@ impl LimitsConfig {
                 self.record_bytes, self.field_bytes
             ));
         }
-        let max_columns = crate::sink::MAX_COLUMNS as u64;
+        let max_columns = crate::schema::MAX_COLUMNS as u64;
         if !(1..=max_columns).contains(&self.columns) {
             problems.push(format!(
                 "limits.columns: must be between 1 and {max_columns} (the most columns a table gets), got {}",
@@ -555,12 +557,12 @@ impl Config {
         if self.pipeline.is_empty() || self.pipeline.len() > 200 {
             problems.push("pipeline: must be 1 to 200 characters".into());
         }
-        problems.extend(crate::routes::Routes::problems(&self.routes));
+        problems.extend(routes::problems(&self.routes));
         if self.dialect() == Ok(Dialect::Redshift) {
             problems.extend(self.redshift.problems());
             for (i, r) in self.routes.iter().enumerate() {
-                let append_only = r.write_mode == crate::routes::WriteMode::Append
-                    && r.on_new_columns == crate::routes::NewColumns::Fail
+                let append_only = r.write_mode == routes::WriteMode::Append
+                    && r.on_new_columns == routes::NewColumns::Fail
                     && !r.metadata_columns;
                 if !append_only {
                     problems.push(format!(

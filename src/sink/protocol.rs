@@ -1,0 +1,488 @@
+//! The exactly-once protocol of one file, written once for every database that loads file by
+//! file ([`Ledger::load`]), and the ledger's statements it is made of:
+//!
+//! 1. claim the file without waiting ([`FileSink::claim`]: PostgreSQL's transaction-scoped
+//!    advisory lock, MySQL's named lock, SQLite's single writer); another loader holds it:
+//!    `Busy`;
+//! 2. count the attempt and commit that on its own ([`Ledger::count_attempt`]), so a load that
+//!    kills the process still counts; a file loaded or failed already needs only its move, one
+//!    out of attempts is failed (`retries_exhausted` or `crashed_loader`);
+//! 3. in the load's transaction, under a savepoint: the sink writes the rows
+//!    ([`FileSink::write_rows`]); a value that does not fit a column this attempt created
+//!    rolls back to the savepoint and tries again with that column widened;
+//! 4. rows written: mark the ledger row `loaded` and commit; the file's fault: roll back to
+//!    the savepoint, mark it `failed` with the error, commit; a transient error: roll back;
+//! 5. release the claim. A process that dies mid-load loses its connection, so the database
+//!    rolls back the rows and releases the claim.
+//!
+//! Each database differs only in the small table of SQL in [`Dialect`] and in what
+//! [`FileSink`] leaves to it.
+
+use std::borrow::Cow;
+use std::future::Future;
+use std::sync::Arc;
+
+use sqlx::{AssertSqlSafe, Database, Encode, Executor, FromRow, IntoArguments, Pool, Transaction, Type};
+
+use super::{
+    FileRef, LedgerRow, LoadOutcome, append_history, outcome_of_state, retries_exhausted, state, widened_spec,
+};
+use crate::error::{FileError, LoadError, Stage};
+use crate::reader::FileReader;
+use crate::routes::LoadSpec;
+use crate::schema::ColumnType;
+
+/// What a database does its own way in the protocol; the rest is [`Ledger::load`].
+pub(crate) trait FileSink: Sync {
+    type Db: Database;
+    /// A held claim on one file.
+    type Claim: Send;
+
+    /// Takes the file's claim without waiting; `None` when another load holds it.
+    fn claim(&self, id: &str) -> impl Future<Output = Result<Option<Self::Claim>, sqlx::Error>> + Send;
+
+    /// The attempt is counted and the rows are about to be written (PostgreSQL starts its
+    /// lease here).
+    fn hold(&self, _claim: &mut Self::Claim, _id: &str) -> impl Future<Output = Result<(), sqlx::Error>> + Send {
+        async { Ok(()) }
+    }
+
+    /// The load's transaction, under the claim.
+    fn begin<'c>(
+        &'c self,
+        claim: &'c mut Self::Claim,
+    ) -> impl Future<Output = Result<Transaction<'c, Self::Db>, sqlx::Error>> + Send;
+
+    /// Writes the file's rows into its table, creating the table or adding columns as the
+    /// route allows; returns how many. `new_columns` gets the columns this attempt created or
+    /// added in the transaction: the ones a value that does not fit may widen.
+    fn write_rows(
+        &self,
+        conn: &mut <Self::Db as Database>::Connection,
+        file: FileRef<'_>,
+        spec: &LoadSpec,
+        reader: &FileReader<'_>,
+        new_columns: &mut Vec<(String, ColumnType)>,
+    ) -> impl Future<Output = Result<u64, LoadError>> + Send;
+
+    /// An attempt's error as the protocol should take it (by default, as it is).
+    fn attempt_failed(&self, _table: Option<&str>, error: LoadError) -> LoadError {
+        error
+    }
+
+    /// Gives the claim back; the load's transaction has ended.
+    fn release(&self, claim: Self::Claim, id: &str) -> impl Future<Output = ()> + Send;
+}
+
+/// How one database spells the few things the ledger's statements need.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Dialect {
+    /// `$1, $2, ...` (PostgreSQL) rather than `?`.
+    pub numbered: bool,
+    /// The current time.
+    pub now: &'static str,
+    /// `attempts` read as a 64-bit integer.
+    pub attempts: &'static str,
+    /// Appended to a SELECT to lock the row until the transaction ends ("" where the
+    /// transaction itself is the single writer).
+    pub lock_row: &'static str,
+    /// The statement that begins a writing transaction (`None`: the driver's own `BEGIN`).
+    pub begin: Option<&'static str>,
+    /// Whether `INSERT ... ON CONFLICT DO UPDATE ... RETURNING` exists: counting an attempt is
+    /// then one statement instead of three in a transaction.
+    pub upsert_returning: bool,
+    /// `INSERT` that does nothing on a duplicate key: prefix and suffix around the rest.
+    pub insert_ignore: (&'static str, &'static str),
+}
+
+/// The ledger's statements on one database. `writer` serializes writers where the database
+/// has a single one (SQLite): waiting here is cheaper than waiting on its busy timeout.
+pub(crate) struct Ledger<DB: Database> {
+    pub pool: Pool<DB>,
+    /// Quoted table name.
+    pub table: String,
+    pub dialect: Dialect,
+    /// Written into `claimed_by`: which process loaded the file.
+    pub owner: String,
+    /// A file with this many recorded attempts is failed instead of tried again.
+    pub max_attempts: u32,
+    pub writer: Option<Arc<tokio::sync::Mutex<()>>>,
+}
+
+impl<DB: Database> Ledger<DB> {
+    pub fn new(
+        pool: Pool<DB>,
+        options: &super::SinkOptions,
+        dialect: Dialect,
+        writer: Option<Arc<tokio::sync::Mutex<()>>>,
+    ) -> Ledger<DB> {
+        Ledger {
+            pool,
+            table: options.ledger.clone(),
+            dialect,
+            owner: options.owner.clone(),
+            max_attempts: options.max_attempts,
+            writer,
+        }
+    }
+}
+
+/// What counting an attempt found.
+pub(crate) struct Counted {
+    /// The ledger row after counting.
+    pub row: LedgerRow,
+    /// Whether this attempt was counted (false: the file is done, or out of attempts).
+    pub now: bool,
+}
+
+impl<DB> Ledger<DB>
+where
+    DB: Database,
+    DB::QueryResult: RowsAffected,
+    DB::Arguments: IntoArguments<DB>,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'t> String: Encode<'t, DB> + Type<DB>,
+    for<'t> Option<String>: Encode<'t, DB> + Type<DB>,
+    for<'t> i64: Encode<'t, DB> + Type<DB>,
+    for<'r> LedgerRow: FromRow<'r, DB::Row>,
+    for<'r> (String, Option<String>): FromRow<'r, DB::Row>,
+{
+    /// The SQL with the ledger's name, its time function and its placeholders filled in:
+    /// `{L}` is the table, `{NOW}` the time, `{ATTEMPTS}` the attempts read as 64 bits, and each
+    /// `?` a parameter, in the order they are bound.
+    fn sql(&self, template: &str) -> String {
+        let sql = template
+            .replace("{L}", &self.table)
+            .replace("{NOW}", self.dialect.now)
+            .replace("{ATTEMPTS}", self.dialect.attempts);
+        if !self.dialect.numbered {
+            return sql;
+        }
+        let mut out = String::with_capacity(sql.len() + 8);
+        let mut n = 0;
+        for c in sql.chars() {
+            if c == '?' {
+                n += 1;
+                out.push_str(&format!("${n}"));
+            } else {
+                out.push(c);
+            }
+        }
+        out
+    }
+
+    async fn begin(&self) -> Result<Transaction<'static, DB>, sqlx::Error> {
+        match self.dialect.begin {
+            Some(statement) => self.pool.begin_with(statement).await,
+            None => self.pool.begin().await,
+        }
+    }
+
+    async fn writer(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        match &self.writer {
+            Some(lock) => Some(lock.lock().await),
+            None => None,
+        }
+    }
+
+    /// Counts an attempt at `file` and commits that on its own, before the load starts, so a
+    /// load that kills the process still counts. Only the claim's holder calls this. The file
+    /// is counted unless it is loaded or failed already, or out of attempts.
+    pub async fn count_attempt(&self, file: FileRef<'_>, id: &str) -> Result<Counted, sqlx::Error> {
+        let max = i64::from(self.max_attempts);
+        if self.dialect.upsert_returning {
+            let counted: Option<LedgerRow> = sqlx::query_as(AssertSqlSafe(self.sql(
+                "INSERT INTO {L} (file_id, source, object_key, etag, state, byte_count, attempts, claimed_by)
+                 VALUES (?, ?, ?, ?, 'pending', ?, 1, ?)
+                 ON CONFLICT (file_id) DO UPDATE SET attempts = {L}.attempts + 1,
+                     claimed_by = excluded.claimed_by, updated_at = {NOW}
+                     WHERE {L}.state = 'pending' AND {L}.attempts < ?
+                 RETURNING state, row_count, error, {ATTEMPTS}, history",
+            )))
+            .bind(id.to_string())
+            .bind(file.source.to_string())
+            .bind(file.key.to_string())
+            .bind(file.etag.to_string())
+            .bind(file.size as i64)
+            .bind(self.owner.clone())
+            .bind(max)
+            .fetch_optional(&self.pool)
+            .await?;
+            return match counted {
+                Some(row) => Ok(Counted { row, now: true }),
+                None => Ok(Counted {
+                    row: self.read(&self.pool, id).await?,
+                    now: false,
+                }),
+            };
+        }
+        let mut tx = self.begin().await?;
+        let (prefix, suffix) = self.dialect.insert_ignore;
+        sqlx::query(AssertSqlSafe(self.sql(&format!(
+            "{prefix} {{L}} (file_id, source, object_key, etag, state, byte_count, attempts)
+             VALUES (?, ?, ?, ?, 'pending', ?, 0){suffix}"
+        ))))
+        .bind(id.to_string())
+        .bind(file.source.to_string())
+        .bind(file.key.to_string())
+        .bind(file.etag.to_string())
+        .bind(file.size as i64)
+        .execute(&mut *tx)
+        .await?;
+        let updated = sqlx::query(AssertSqlSafe(self.sql(
+            "UPDATE {L} SET attempts = attempts + 1, claimed_by = ?, updated_at = {NOW}
+             WHERE file_id = ? AND state = 'pending' AND attempts < ?",
+        )))
+        .bind(self.owner.clone())
+        .bind(id.to_string())
+        .bind(max)
+        .execute(&mut *tx)
+        .await?;
+        let now = updated.rows() == 1;
+        let row = self.read(&mut *tx, id).await?;
+        tx.commit().await?;
+        Ok(Counted { row, now })
+    }
+
+    /// The file's ledger row.
+    pub async fn read<'c, E>(&self, executor: E, id: &str) -> Result<LedgerRow, sqlx::Error>
+    where
+        E: Executor<'c, Database = DB>,
+    {
+        sqlx::query_as(AssertSqlSafe(self.sql(
+            "SELECT state, row_count, error, {ATTEMPTS}, history FROM {L} WHERE file_id = ?",
+        )))
+        .bind(id.to_string())
+        .fetch_one(executor)
+        .await
+    }
+
+    /// Marks the file loaded, in the load's transaction (with its rows).
+    pub async fn mark_loaded(
+        &self,
+        conn: &mut DB::Connection,
+        id: &str,
+        rows: u64,
+        table: Option<&String>,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(AssertSqlSafe(self.sql(&format!(
+            "UPDATE {{L}} SET state = '{}', row_count = ?, target_table = ?, error = NULL, claimed_by = ?,
+             loaded_at = {{NOW}}, updated_at = {{NOW}} WHERE file_id = ?",
+            state::LOADED
+        ))))
+        .bind(rows as i64)
+        .bind(table.cloned())
+        .bind(self.owner.clone())
+        .bind(id.to_string())
+        .execute(conn)
+        .await
+        .map(|_| ())
+    }
+
+    /// Marks the file failed with its error, in the load's transaction.
+    pub async fn mark_failed(
+        &self,
+        conn: &mut DB::Connection,
+        id: &str,
+        error: &FileError,
+        table: Option<&String>,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(AssertSqlSafe(self.sql(&format!(
+            "UPDATE {{L}} SET state = '{}', error = ?, target_table = ?, claimed_by = ?, updated_at = {{NOW}}
+             WHERE file_id = ?",
+            state::FAILED
+        ))))
+        .bind(serde_json::to_string(error).unwrap_or_default())
+        .bind(table.cloned())
+        .bind(self.owner.clone())
+        .bind(id.to_string())
+        .execute(conn)
+        .await
+        .map(|_| ())
+    }
+
+    /// Adds an attempt's transient error to the file's history. Every attempt counted itself
+    /// when it started, so the outcome is added whoever holds the file now (the failed load's
+    /// transaction may still be rolling back and holding the claim; skipping then would make
+    /// the attempt look like a crash). The row lock keeps concurrent additions from
+    /// overwriting each other. The row is missing only if the count itself never happened.
+    pub async fn record_transient(&self, file: FileRef<'_>, stage: Stage, message: &str) -> Result<(), sqlx::Error> {
+        let _writer = self.writer().await;
+        let id = file.id();
+        let mut tx = self.begin().await?;
+        let row: Option<(String, Option<String>)> = sqlx::query_as(AssertSqlSafe(self.sql(&format!(
+            "SELECT state, history FROM {{L}} WHERE file_id = ?{}",
+            self.dialect.lock_row
+        ))))
+        .bind(id.clone())
+        .fetch_optional(&mut *tx)
+        .await?;
+        match row {
+            None => {
+                let (prefix, suffix) = self.dialect.insert_ignore;
+                sqlx::query(AssertSqlSafe(self.sql(&format!(
+                    "{prefix} {{L}} (file_id, source, object_key, etag, state, byte_count, attempts, history)
+                     VALUES (?, ?, ?, ?, 'pending', ?, 1, ?){suffix}"
+                ))))
+                .bind(id)
+                .bind(file.source.to_string())
+                .bind(file.key.to_string())
+                .bind(file.etag.to_string())
+                .bind(file.size as i64)
+                .bind(append_history(None, stage, message))
+                .execute(&mut *tx)
+                .await?;
+            }
+            Some((current, history)) if current == state::PENDING => {
+                sqlx::query(AssertSqlSafe(
+                    self.sql("UPDATE {L} SET history = ?, updated_at = {NOW} WHERE file_id = ?"),
+                ))
+                .bind(append_history(history.as_deref(), stage, message))
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            }
+            Some(_) => {}
+        }
+        tx.commit().await
+    }
+
+    /// Lets failed versions of `key` be loaded again (for `retry-failed`).
+    pub async fn reset_failed(&self, source: &str, key: &str) -> Result<u64, sqlx::Error> {
+        let _writer = self.writer().await;
+        let done = sqlx::query(AssertSqlSafe(self.sql(
+            "UPDATE {L} SET state = 'pending', error = NULL, updated_at = {NOW}
+             WHERE source = ? AND object_key = ? AND state = 'failed'",
+        )))
+        .bind(source.to_string())
+        .bind(key.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows())
+    }
+
+    /// Loads one file exactly once: see the module docs for the steps.
+    pub async fn load<S>(
+        &self,
+        sink: &S,
+        file: FileRef<'_>,
+        spec: &LoadSpec,
+        reader: &FileReader<'_>,
+    ) -> Result<LoadOutcome, LoadError>
+    where
+        S: FileSink<Db = DB>,
+    {
+        let id = file.id();
+        let Some(mut claim) = sink.claim(&id).await.map_err(db)? else {
+            return Ok(LoadOutcome::Busy);
+        };
+        let outcome = self.load_claimed(sink, &mut claim, &id, file, spec, reader).await;
+        sink.release(claim, &id).await;
+        outcome
+    }
+
+    async fn load_claimed<S>(
+        &self,
+        sink: &S,
+        claim: &mut S::Claim,
+        id: &str,
+        file: FileRef<'_>,
+        spec: &LoadSpec,
+        reader: &FileReader<'_>,
+    ) -> Result<LoadOutcome, LoadError>
+    where
+        S: FileSink<Db = DB>,
+    {
+        let counted = self.count_attempt(file, id).await.map_err(db)?;
+        let (current, rows, error, attempts, history) = counted.row;
+        if let Some(done) = outcome_of_state(&current, rows, error) {
+            return Ok(done);
+        }
+        let table = spec.table.as_ref().ok().cloned();
+        if !counted.now {
+            // Pending, and its attempts are used up (the last ones may have died mid-load).
+            let error = retries_exhausted(attempts, history.as_deref());
+            let mut tx = sink.begin(claim).await.map_err(db)?;
+            self.mark_failed(&mut tx, id, &error, table.as_ref())
+                .await
+                .map_err(db)?;
+            tx.commit().await.map_err(db)?;
+            return Ok(LoadOutcome::Failed(error));
+        }
+        sink.hold(claim, id).await.map_err(db)?;
+        let mut tx = sink.begin(claim).await.map_err(db)?;
+        sqlx::query("SAVEPOINT file_rows").execute(&mut *tx).await.map_err(db)?;
+        let mut spec = Cow::Borrowed(spec);
+        let written = loop {
+            let mut new_columns = Vec::new();
+            let written = match sink.write_rows(&mut tx, file, &spec, reader, &mut new_columns).await {
+                Err(e) => Err(sink.attempt_failed(table.as_deref(), e)),
+                ok => ok,
+            };
+            // A value that does not fit a column this attempt created: undo the attempt (its
+            // DDL included) and load again with that column widened.
+            match written
+                .as_ref()
+                .err()
+                .and_then(|e| widened_spec(e, &new_columns, &spec))
+            {
+                Some(wider) => {
+                    sqlx::query("ROLLBACK TO SAVEPOINT file_rows")
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db)?;
+                    spec = Cow::Owned(wider);
+                }
+                None => break written,
+            }
+        };
+        match written {
+            Ok(rows) => {
+                self.mark_loaded(&mut tx, id, rows, table.as_ref()).await.map_err(db)?;
+                tx.commit().await.map_err(db)?;
+                Ok(LoadOutcome::Loaded { rows })
+            }
+            Err(LoadError::Permanent(error)) => {
+                sqlx::query("ROLLBACK TO SAVEPOINT file_rows")
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db)?;
+                self.mark_failed(&mut tx, id, &error, table.as_ref())
+                    .await
+                    .map_err(db)?;
+                tx.commit().await.map_err(db)?;
+                Ok(LoadOutcome::Failed(error))
+            }
+            // Dropping the transaction rolls it back: nothing of the file stays.
+            Err(transient) => Err(transient),
+        }
+    }
+
+    pub async fn ping(&self) -> Result<(), sqlx::Error> {
+        sqlx::query("SELECT 1").execute(&self.pool).await.map(|_| ())
+    }
+}
+
+fn db(e: sqlx::Error) -> LoadError {
+    super::db_error(e, Stage::Database)
+}
+
+/// Rows a statement changed: each driver has its own result type with no common trait.
+pub(crate) trait RowsAffected {
+    fn rows(&self) -> u64;
+}
+
+macro_rules! rows_affected {
+    ($($t:ty),*) => {$(
+        impl RowsAffected for $t {
+            fn rows(&self) -> u64 {
+                self.rows_affected()
+            }
+        }
+    )*};
+}
+rows_affected!(
+    sqlx::postgres::PgQueryResult,
+    sqlx::mysql::MySqlQueryResult,
+    sqlx::sqlite::SqliteQueryResult
+);
