@@ -26,10 +26,10 @@ use tracing::{Instrument, error, info, info_span};
 
 use crate::cloudwatch::Publisher;
 use crate::config::Config;
-use crate::format::{Compression, Format};
+use crate::sink::redshift::RedshiftBatch;
 use crate::source::{INCOMING, ObjectMeta};
 use crate::status::TickReport;
-use crate::worker::{FileOutcome, Worker};
+use crate::worker::{FileOutcome, Unit, Worker};
 
 pub struct Scheduler {
     worker: Arc<Worker>,
@@ -186,15 +186,18 @@ impl Scheduler {
             info!(listed, picked = picked.len(), "dispatching files");
         }
         let dispatched = picked.len() as u64;
-        let handles = if self.worker.db.loads_batches() {
-            let units = self.batches(picked);
-            units.into_iter().map(|unit| self.dispatch(unit, Gate::Open)).collect()
+        let handles = if self.worker.db.batch_loader().is_some() {
+            // Batches create their table in their COPY's transaction: no gates.
+            RedshiftBatch::group(picked, &self.worker.routes)
+                .into_iter()
+                .map(|batch| self.dispatch(Unit::Batch(Box::new(batch)), Gate::Open))
+                .collect()
         } else {
             let gates = self.gates_for_new_tables(&picked).await;
             picked
                 .into_iter()
                 .zip(gates)
-                .map(|(obj, gate)| self.dispatch(vec![obj], gate))
+                .map(|(obj, gate)| self.dispatch(Unit::File(obj), gate))
                 .collect()
         };
         (Ok(()), listed, dispatched, handles)
@@ -275,29 +278,9 @@ impl Scheduler {
         listing
     }
 
-    /// Groups files that one Redshift COPY can load: same route, table, format and compression.
-    fn batches(&self, picked: Vec<ObjectMeta>) -> Vec<Vec<ObjectMeta>> {
-        let mut groups: Vec<(String, Vec<ObjectMeta>)> = Vec::new();
-        for obj in picked {
-            let spec = self.worker.routes.resolve(&obj.key);
-            let format = spec.format.format.unwrap_or_else(|| Format::from_key(&obj.key));
-            let key = format!(
-                "{:?}|{:?}|{:?}|{:?}",
-                spec.table,
-                format,
-                Compression::from_key(&obj.key),
-                spec.format
-            );
-            match groups.iter_mut().find(|(k, _)| *k == key) {
-                Some((_, files)) => files.push(obj),
-                None => groups.push((key, vec![obj])),
-            }
-        }
-        groups.into_iter().map(|(_, files)| files).collect()
-    }
-
     /// Starts a task for one file, or for one batch of files (Redshift).
-    fn dispatch(&self, objs: Vec<ObjectMeta>, gate: Gate) -> JoinHandle<Vec<FileOutcome>> {
+    fn dispatch(&self, unit: Unit, gate: Gate) -> JoinHandle<Vec<FileOutcome>> {
+        let objs = unit.files().to_vec();
         {
             let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
             in_flight.extend(objs.iter().map(|o| o.key.clone()));
@@ -342,17 +325,8 @@ impl Scheduler {
                     // that task only, and is recorded as the attempt's outcome here, so the
                     // key leaves the in-flight set and the scheduler keeps going.
                     let load = {
-                        let (worker, objs) = (worker.clone(), objs.clone());
-                        tokio::spawn(
-                            async move {
-                                if worker.db.loads_batches() {
-                                    worker.process_batch(objs).await
-                                } else {
-                                    vec![worker.process(&objs[0]).await]
-                                }
-                            }
-                            .in_current_span(),
-                        )
+                        let worker = worker.clone();
+                        tokio::spawn(async move { worker.process_unit(unit).await }.in_current_span())
                     };
                     let outcomes = match load.await {
                         Ok(outcomes) => outcomes,

@@ -12,6 +12,7 @@ use tracing::{Instrument, info, warn};
 use crate::error::{FileError, LoadError, Stage};
 use crate::reader::FileReader;
 use crate::routes::Routes;
+use crate::sink::redshift::RedshiftBatch;
 use crate::sink::{Database, FileRef, LoadOutcome};
 use crate::source::{Area, FAILED, INCOMING, MoveOutcome, ObjectMeta, Source};
 use crate::status::Status;
@@ -31,6 +32,23 @@ pub enum FileOutcome {
     Retry { stage: Stage, message: String },
     /// Not started because the loader is stopping.
     NotStarted,
+}
+
+/// What one worker task loads, decided once by the scheduler.
+#[derive(Debug, Clone)]
+pub enum Unit {
+    File(ObjectMeta),
+    /// Files one Redshift COPY loads together.
+    Batch(Box<RedshiftBatch>),
+}
+
+impl Unit {
+    pub fn files(&self) -> &[ObjectMeta] {
+        match self {
+            Unit::File(obj) => std::slice::from_ref(obj),
+            Unit::Batch(batch) => &batch.files,
+        }
+    }
 }
 
 /// Everything a worker needs; shared by all of them.
@@ -62,12 +80,27 @@ impl Worker {
         outcome
     }
 
+    /// Loads what the scheduler handed over: one file, or one batch.
+    pub async fn process_unit(&self, unit: Unit) -> Vec<FileOutcome> {
+        match unit {
+            Unit::File(obj) => vec![self.process(&obj).await],
+            Unit::Batch(batch) => self.process_batch(*batch).await,
+        }
+    }
+
     /// Loads a batch of files of one table and format in one go (Redshift), then moves each.
-    pub async fn process_batch(&self, objs: Vec<ObjectMeta>) -> Vec<FileOutcome> {
+    async fn process_batch(&self, batch: RedshiftBatch) -> Vec<FileOutcome> {
+        let Some(sink) = self.db.batch_loader() else {
+            // Only Redshift's sink loads batches; any other database loads them file by file.
+            let mut outcomes = Vec::with_capacity(batch.files.len());
+            for obj in &batch.files {
+                outcomes.push(self.process(obj).await);
+            }
+            return outcomes;
+        };
         let started = std::time::Instant::now();
-        let spec = self.routes.resolve(&objs[0].key);
-        let span = tracing::info_span!("batch", files = objs.len(), db.table = ?spec.table.as_ref().ok());
-        let results = self.db.load_batch(&self.source, objs, &spec).instrument(span).await;
+        let span = tracing::info_span!("batch", files = batch.files.len(), db.table = ?batch.spec.table.as_ref().ok());
+        let results = sink.load_batch(&self.source, batch).instrument(span).await;
         let mut outcomes = Vec::with_capacity(results.len());
         for (obj, result) in results {
             let span = tracing::info_span!("file", s3.key = %self.source.location(INCOMING, &obj.key));

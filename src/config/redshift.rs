@@ -12,7 +12,8 @@ pub struct RedshiftConfig {
     pub manifest_prefix: String,
     /// The bucket's region, when it differs from the cluster's (`REGION` of COPY).
     pub region: Option<String>,
-    /// `redshift` (default) or `postgres-emulation` (tests only: see the module docs).
+    /// `redshift`; builds with the `redshift-emulation` feature (the tests') also take
+    /// `postgres-emulation` (see [`crate::sink::redshift`]).
     pub copy: CopyMode,
 }
 
@@ -32,6 +33,7 @@ impl Default for RedshiftConfig {
 pub enum CopyMode {
     #[default]
     Redshift,
+    #[cfg(feature = "redshift-emulation")]
     PostgresEmulation,
 }
 

@@ -199,7 +199,7 @@ impl Format {
 }
 
 /// How to read a file.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct FormatOptions {
     /// `None`: by the key's extension.
     pub format: Option<Format>,

@@ -64,7 +64,7 @@ pub enum Database {
     Postgres(postgres::PgSink),
     MySql(mysql::MySqlSink),
     Sqlite(sqlite::SqliteSink),
-    /// Loads by batch ([`Database::load_batch`]), not file by file.
+    /// Loads by batch ([`redshift::RedshiftBatch`]), not file by file.
     Redshift(redshift::RedshiftSink),
 }
 
@@ -215,32 +215,12 @@ pub(crate) async fn open_rows(reader: &FileReader<'_>) -> Result<Option<Opened>,
 }
 
 impl Database {
-    /// Whether files are loaded by batch (Redshift) rather than one by one.
-    pub fn loads_batches(&self) -> bool {
-        matches!(self, Database::Redshift(_))
-    }
-
-    /// Loads a batch of files of one table and format (Redshift only).
-    pub async fn load_batch(
-        &self,
-        source: &crate::source::Source,
-        files: Vec<crate::source::ObjectMeta>,
-        spec: &LoadSpec,
-    ) -> redshift::BatchOutcome {
+    /// The Redshift sink, which loads files by batch ([`redshift::RedshiftBatch`]) rather than
+    /// one by one.
+    pub fn batch_loader(&self) -> Option<&redshift::RedshiftSink> {
         match self {
-            Database::Redshift(s) => s.load_batch(source, files, spec).await,
-            _ => files
-                .into_iter()
-                .map(|f| {
-                    (
-                        f,
-                        Err(LoadError::transient(
-                            Stage::Database,
-                            "this database loads files one by one",
-                        )),
-                    )
-                })
-                .collect(),
+            Database::Redshift(s) => Some(s),
+            _ => None,
         }
     }
 }

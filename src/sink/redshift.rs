@@ -10,7 +10,9 @@
 //! unit tests; the transaction flow runs in the tests against PostgreSQL, with
 //! `redshift.copy = "postgres-emulation"` standing in for the one statement PostgreSQL does not
 //! have (COPY from S3 by manifest): it reads the manifest back from the store and copies each
-//! listed file into the table, inside the same transaction. Nothing else differs.
+//! listed file into the table, inside the same transaction. Nothing else differs. The
+//! emulation is compiled only with the `redshift-emulation` feature, which the tests enable;
+//! the released binary does not have it.
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -27,7 +29,7 @@ use crate::config::redshift::{CopyMode, RedshiftConfig};
 use crate::error::{FileError, FileErrorKind, LoadError, Stage};
 use crate::format::{self, Compression, Format, FormatOptions};
 use crate::reader::FileReader;
-use crate::routes::LoadSpec;
+use crate::routes::{LoadSpec, Routes};
 use crate::schema::{ColumnType, TypeInference};
 use crate::source::{INCOMING, ObjectMeta, Source};
 
@@ -146,6 +148,44 @@ pub struct RedshiftSink {
     config: RedshiftConfig,
 }
 
+/// Files one Redshift COPY loads together: one table, format, format options and compression,
+/// decided once when the batch is formed ([`RedshiftBatch::group`]).
+#[derive(Debug, Clone)]
+pub struct RedshiftBatch {
+    pub files: Vec<ObjectMeta>,
+    pub spec: LoadSpec,
+    pub format: Format,
+    pub compression: Compression,
+}
+
+impl RedshiftBatch {
+    /// Groups `files`, in their order, into batches whose files one COPY can load.
+    pub fn group(files: Vec<ObjectMeta>, routes: &Routes) -> Vec<RedshiftBatch> {
+        let mut batches: Vec<RedshiftBatch> = Vec::new();
+        for file in files {
+            let spec = routes.resolve(&file.key);
+            let format = spec.format.format.unwrap_or_else(|| Format::from_key(&file.key));
+            let compression = Compression::from_key(&file.key).unwrap_or(Compression::None);
+            let fits = |b: &RedshiftBatch| {
+                b.spec.table == spec.table
+                    && b.format == format
+                    && b.compression == compression
+                    && b.spec.format == spec.format
+            };
+            match batches.iter_mut().find(|b| fits(b)) {
+                Some(batch) => batch.files.push(file),
+                None => batches.push(RedshiftBatch {
+                    files: vec![file],
+                    spec,
+                    format,
+                    compression,
+                }),
+            }
+        }
+        batches
+    }
+}
+
 /// What each file of a batch came to.
 pub type BatchOutcome = Vec<(ObjectMeta, Result<LoadOutcome, LoadError>)>;
 
@@ -236,14 +276,15 @@ impl RedshiftSink {
         tx.commit().await
     }
 
-    /// Loads `files` (one table, one format) in one COPY. See the module docs.
-    pub async fn load_batch(&self, source: &Source, files: Vec<ObjectMeta>, spec: &LoadSpec) -> BatchOutcome {
-        match self.try_batch(source, &files, spec).await {
+    /// Loads a batch in one COPY. See the module docs.
+    pub async fn load_batch(&self, source: &Source, batch: RedshiftBatch) -> BatchOutcome {
+        match self.try_batch(source, &batch).await {
             Ok(outcomes) => outcomes,
             Err(e) => {
                 let message = e.to_string();
                 let stage = e.stage();
-                files
+                batch
+                    .files
                     .into_iter()
                     .map(|f| (f, Err(LoadError::transient(stage, &message))))
                     .collect()
@@ -251,12 +292,8 @@ impl RedshiftSink {
         }
     }
 
-    async fn try_batch(
-        &self,
-        source: &Source,
-        files: &[ObjectMeta],
-        spec: &LoadSpec,
-    ) -> Result<BatchOutcome, LoadError> {
+    async fn try_batch(&self, source: &Source, batch: &RedshiftBatch) -> Result<BatchOutcome, LoadError> {
+        let (files, spec) = (batch.files.as_slice(), &batch.spec);
         let db = |e| db_error(e, Stage::Database);
         let ledger = &self.options.ledger;
         let table = match &spec.table {
@@ -276,7 +313,6 @@ impl RedshiftSink {
             }
         };
         // The columns and a sample from the first file (one route, one format: one header).
-        let format = spec.format.format.unwrap_or_else(|| Format::from_key(&files[0].key));
         let (columns, fixed, sample) = read_header(source, &files[0], spec).await?;
         let mut tx = self.lock().await?;
         let mut out: BatchOutcome = Vec::new();
@@ -324,18 +360,18 @@ impl RedshiftSink {
             .put(&manifest_path, serde_json::to_vec_pretty(&manifest).unwrap_or_default())
             .await
             .map_err(|e| e.into_load_error(Stage::Report))?;
-        let compression = Compression::from_key(&todo[0].key).unwrap_or(Compression::None);
         let statement = copy_statement(
             &table,
             &names,
             &source.location("", &manifest_path),
             &self.config,
-            format,
+            batch.format,
             &spec.format,
-            compression,
+            batch.compression,
         );
         let copied = match self.config.copy {
             CopyMode::Redshift => self.copy_redshift(&mut tx, &statement).await?,
+            #[cfg(feature = "redshift-emulation")]
             CopyMode::PostgresEmulation => {
                 emulate_copy(&mut tx, source, &table, &names, &manifest, spec, &todo).await?
             }
@@ -591,6 +627,7 @@ async fn read_header(
     Ok((decoded.header, decoded.types, sample))
 }
 
+#[cfg(feature = "redshift-emulation")]
 /// Tests only: what `COPY … FROM 's3://…manifest'` does, done with PostgreSQL's COPY FROM STDIN
 /// for each file the manifest lists (read back from the store), in the same transaction.
 async fn emulate_copy(
@@ -668,6 +705,48 @@ async fn emulate_copy(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_holds_only_files_one_copy_can_load() {
+        let routes = Routes::new(&Config::default());
+        let file = |key: &str| ObjectMeta {
+            key: key.into(),
+            etag: "\"e\"".into(),
+            size: 1,
+            last_modified: chrono::Utc::now(),
+        };
+        let keys = [
+            "orders/a.csv",
+            "orders/b.csv.gz",
+            "orders/c.csv",
+            "events/d.jsonl",
+            "orders/e.csv.gz",
+        ];
+        let batches = RedshiftBatch::group(keys.iter().map(|k| file(k)).collect(), &routes);
+        let grouped: Vec<(Vec<&str>, Format, Compression)> = batches
+            .iter()
+            .map(|b| {
+                (
+                    b.files.iter().map(|f| f.key.as_str()).collect(),
+                    b.format,
+                    b.compression,
+                )
+            })
+            .collect();
+        assert_eq!(
+            grouped,
+            vec![
+                (vec!["orders/a.csv", "orders/c.csv"], Format::Csv, Compression::None),
+                (
+                    vec!["orders/b.csv.gz", "orders/e.csv.gz"],
+                    Format::Csv,
+                    Compression::Gzip
+                ),
+                (vec!["events/d.jsonl"], Format::Jsonl, Compression::None),
+            ]
+        );
+        assert_eq!(batches[2].spec.table.as_deref().ok(), Some("events"));
+    }
 
     fn config() -> RedshiftConfig {
         RedshiftConfig {
