@@ -44,19 +44,11 @@ pub struct OnceSummary {
 
 impl App {
     /// Sets everything up without needing the database to be up (it is reached lazily).
-    pub async fn build(config: Config, serve_http: bool) -> anyhow::Result<App> {
+    /// `listener`: where to serve HTTP, bound by the caller (port 0 in tests); `None` for the
+    /// commands that serve nothing.
+    pub async fn build(config: Config, listener: Option<TcpListener>) -> anyhow::Result<App> {
         let source = Arc::new(Source::connect(&config.source).await?);
         let db = Arc::new(Database::connect_lazy(&config)?);
-        let listener = if serve_http && config.http.enabled {
-            let addr = config.listen_addr();
-            Some(
-                TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("http.listen: cannot listen on {addr}"))?,
-            )
-        } else {
-            None
-        };
         let max_age = config.health.max_backlog_age;
         let status = Arc::new(Status::new(&config.pipeline, (!max_age.is_zero()).then_some(max_age)));
         let publisher = if config.cloudwatch.enabled {
@@ -72,6 +64,18 @@ impl App {
             db,
             listener,
         })
+    }
+
+    /// Binds `http.listen` when `http.enabled` (for [`App::build`]).
+    pub async fn listen(config: &Config) -> anyhow::Result<Option<TcpListener>> {
+        if !config.http.enabled {
+            return Ok(None);
+        }
+        let addr = config.listen_addr();
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("http.listen: cannot listen on {addr}"))?;
+        Ok(Some(listener))
     }
 
     /// The HTTP port actually bound (useful with port 0).
@@ -144,8 +148,8 @@ impl App {
         let scheduler = Scheduler::new(&self.config, self.worker(), stop, None);
         let handles = scheduler.tick().await;
         let snapshot = self.status.snapshot();
-        if let Some(tick) = snapshot.last_tick.as_ref().filter(|t| t.result != "ok") {
-            anyhow::bail!("{}", tick.result);
+        if let Some(tick) = snapshot.last_tick.as_ref().filter(|t| !t.result.is_ok()) {
+            anyhow::bail!("{}", tick.result.as_str());
         }
         let mut summary = OnceSummary {
             listed: snapshot.last_tick.map(|t| t.listed).unwrap_or(0),
@@ -323,4 +327,47 @@ async fn read_all_values(
         batch = decoded.next_batch().await.map_err(as_file_error)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The whole daemon in-process, on a listener the test bound to port 0: it serves, loads
+    /// and stops when told.
+    #[tokio::test]
+    async fn the_daemon_runs_in_process_on_a_listener_it_is_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("incoming/t")).unwrap();
+        std::fs::write(root.join("incoming/t/a.csv"), "id\n1\n").unwrap();
+        let mut config = Config::default();
+        config.source.url = format!("file://{}", root.display());
+        config.source.settle_time = Duration::ZERO;
+        config.schedule.interval = Duration::from_millis(100);
+        config.database.url = format!("sqlite://{}/loader.db", root.display()).into();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app = App::build(config, Some(listener)).await.unwrap();
+        let port = app.http_port().unwrap();
+        let stop = CancellationToken::new();
+        let daemon = tokio::spawn(app.run_until_stopped(stop.clone()));
+        let base = format!("http://127.0.0.1:{port}");
+        let mut loaded = false;
+        for _ in 0..100 {
+            let status: serde_json::Value = match reqwest::get(format!("{base}/status")).await {
+                Ok(r) => r.json().await.unwrap(),
+                Err(_) => serde_json::Value::Null,
+            };
+            if status["totals"]["files_loaded"] == 1 {
+                loaded = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(loaded, "the file was loaded and /status said so");
+        assert!(root.join("processed/t/a.csv").exists());
+        assert_eq!(reqwest::get(format!("{base}/healthz")).await.unwrap().status(), 200);
+        stop.cancel();
+        daemon.await.unwrap().unwrap();
+    }
 }

@@ -76,7 +76,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
         Err(e) => json!({"ok": false, "error": crate::redact::scrub(e, &secrets)}),
     };
     let freshness = state.status.snapshot().freshness;
-    let fresh_enough = !(state.fail_readiness_when_degraded && freshness == "degraded");
+    let fresh_enough = !(state.fail_readiness_when_degraded && freshness == crate::status::Freshness::Degraded);
     let ready = store.is_ok() && db.is_ok() && fresh_enough;
     let body = json!({
         "ready": ready,

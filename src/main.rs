@@ -106,11 +106,12 @@ async fn run(cli: Cli) -> ExitCode {
 
 async fn daemon(config: Config) -> anyhow::Result<()> {
     let stop = s3_sql_loader::shutdown::on_signal().context("installing signal handlers")?;
-    App::build(config, true).await?.run_until_stopped(stop).await
+    let listener = App::listen(&config).await?;
+    App::build(config, listener).await?.run_until_stopped(stop).await
 }
 
 async fn once(config: Config) -> anyhow::Result<ExitCode> {
-    let summary = App::build(config, false).await?.run_once().await?;
+    let summary = App::build(config, None).await?.run_once().await?;
     println!(
         "listed {} | loaded {} ({} rows) | already loaded {} | failed {} | to retry {} | held elsewhere {}",
         summary.listed,
@@ -130,7 +131,7 @@ async fn once(config: Config) -> anyhow::Result<ExitCode> {
 
 async fn check(config: Config) -> anyhow::Result<ExitCode> {
     println!("configuration: ok");
-    let app = App::build(config, false).await?;
+    let app = App::build(config, None).await?;
     let mut ok = true;
     for (what, result) in app.check().await {
         match result {
@@ -145,13 +146,13 @@ async fn check(config: Config) -> anyhow::Result<ExitCode> {
 }
 
 async fn status(config: Config) -> anyhow::Result<ExitCode> {
-    let app = App::build(config, false).await?;
+    let app = App::build(config, None).await?;
     print!("{}", app.backlog_report().await?);
     Ok(ExitCode::SUCCESS)
 }
 
 async fn retry_failed(config: Config, prefix: Option<String>) -> anyhow::Result<ExitCode> {
-    let app = App::build(config, false).await?;
+    let app = App::build(config, None).await?;
     let moved = app.retry_failed(prefix.as_deref()).await?;
     println!("moved {moved} file(s) from failed/ back to incoming/");
     Ok(ExitCode::SUCCESS)

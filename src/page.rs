@@ -79,8 +79,12 @@ svg text {{ font-size: 11px; fill: #5b6475; }}
         version = s.version,
         started = s.started_at.format("%Y-%m-%d %H:%M:%S"),
         now = now.format("%Y-%m-%d %H:%M:%S"),
-        freshness = s.freshness,
-        degraded = if s.freshness == "degraded" { " degraded" } else { "" },
+        freshness = s.freshness.as_str(),
+        degraded = if s.freshness == crate::status::Freshness::Degraded {
+            " degraded"
+        } else {
+            ""
+        },
         backlog_files = s.backlog.files,
         backlog_bytes = s.backlog.bytes,
         oldest = age(s.backlog.oldest_age_seconds),
@@ -102,8 +106,8 @@ svg text {{ font-size: 11px; fill: #5b6475; }}
             t.duration_ms,
             t.listed,
             t.dispatched,
-            if t.result == "ok" { "" } else { " class=\"bad\"" },
-            escape(&t.result)
+            if t.result.is_ok() { "" } else { " class=\"bad\"" },
+            escape(t.result.as_str())
         );
     }
     html.push_str("</table>\n<h2>Latest failures</h2>\n");

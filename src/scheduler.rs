@@ -26,9 +26,10 @@ use tracing::{Instrument, error, info, info_span};
 
 use crate::cloudwatch::Publisher;
 use crate::config::Config;
+use crate::error::Stage;
 use crate::sink::redshift::RedshiftBatch;
 use crate::source::{INCOMING, ObjectMeta};
-use crate::status::TickReport;
+use crate::status::{TickReport, TickResult};
 use crate::worker::{FileOutcome, Unit, Worker};
 
 pub struct Scheduler {
@@ -151,8 +152,8 @@ impl Scheduler {
             listed,
             dispatched,
             result: match result {
-                Ok(()) => "ok".into(),
-                Err(e) => e,
+                Ok(()) => TickResult::Ok,
+                Err(e) => TickResult::Failed(e),
             },
         };
         self.worker.status.record_tick(report);
@@ -169,14 +170,14 @@ impl Scheduler {
                 listing
             }
             Err(e) => {
-                error!(error.stage = "list", error.message = %e, "listing {INCOMING} failed");
+                error!(error.stage = Stage::List.as_str(), error.message = %e, "listing {INCOMING} failed");
                 return (Err(format!("listing failed: {e}")), 0, 0, Vec::new());
             }
         };
         let listed = listing.len() as u64;
         if !self.ledger_ready.load(Ordering::Relaxed) {
             if let Err(e) = self.worker.db.ensure_ledger().await {
-                error!(error.stage = "database", error.message = %e, "cannot reach the database");
+                error!(error.stage = Stage::Database.as_str(), error.message = %e, "cannot reach the database");
                 return (Err(format!("database: {e}")), listed, 0, Vec::new());
             }
             self.ledger_ready.store(true, Ordering::Relaxed);

@@ -77,7 +77,51 @@ pub struct TickReport {
     /// Files handed to the workers.
     pub dispatched: u64,
     /// `ok`, or what went wrong.
-    pub result: String,
+    pub result: TickResult,
+}
+
+/// How a tick ended; in `/status` as `"ok"` or the error's text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TickResult {
+    Ok,
+    Failed(String),
+}
+
+impl TickResult {
+    pub fn is_ok(&self) -> bool {
+        matches!(self, TickResult::Ok)
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            TickResult::Ok => "ok",
+            TickResult::Failed(why) => why,
+        }
+    }
+}
+
+impl Serialize for TickResult {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+/// Whether data is fresh: `degraded` when the oldest unprocessed file is older than
+/// `health.max_backlog_age`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Freshness {
+    Ok,
+    Degraded,
+}
+
+impl Freshness {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Freshness::Ok => "ok",
+            Freshness::Degraded => "degraded",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -96,7 +140,7 @@ pub struct StatusSnapshot {
     pub backlog: Backlog,
     /// `ok`, or `degraded` when the oldest unprocessed file is older than
     /// `health.max_backlog_age`.
-    pub freshness: &'static str,
+    pub freshness: Freshness,
     pub in_flight: u64,
     pub totals: Totals,
     pub last_tick: Option<TickReport>,
@@ -163,7 +207,7 @@ impl Status {
     }
 
     pub fn record_tick(&self, tick: TickReport) {
-        let counter = if tick.result == "ok" {
+        let counter = if tick.result.is_ok() {
             &self.metrics.ticks_ok
         } else {
             &self.metrics.ticks_failed
@@ -245,7 +289,7 @@ impl Status {
                 oldest_age_seconds,
                 listed_at: inner.listed_at,
             },
-            freshness: if degraded { "degraded" } else { "ok" },
+            freshness: if degraded { Freshness::Degraded } else { Freshness::Ok },
             in_flight: inner.in_flight,
             totals: Totals {
                 files_loaded: Metrics::get(&m.files_loaded),
@@ -271,7 +315,7 @@ impl Status {
             backlog_bytes: s.backlog.bytes,
             oldest_age_seconds: s.backlog.oldest_age_seconds.unwrap_or(0.0),
             in_flight: s.in_flight,
-            degraded: s.freshness == "degraded",
+            degraded: s.freshness == Freshness::Degraded,
         })
     }
 }

@@ -146,7 +146,7 @@ impl Worker {
             FileOutcome::Failed(e) => {
                 self.status
                     .file_failed(&obj.key, e, e.kind.stage().as_str(), started.elapsed());
-                warn!(error.kind = ?e.kind, error.message = %e, "failed; moved to failed/");
+                warn!(error.kind = e.kind.as_str(), error.message = %e, "failed; moved to failed/");
             }
             FileOutcome::Busy => info!("held by another loader; skipped"),
             FileOutcome::Retry { stage, message } => {
