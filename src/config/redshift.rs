@@ -66,3 +66,27 @@ impl RedshiftConfig {
         problems
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> RedshiftConfig {
+        RedshiftConfig {
+            iam_role: "arn:aws:iam::123456789012:role/loader".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_iam_role_and_prefix_are_checked() {
+        assert!(config().problems().is_empty());
+        let bad = RedshiftConfig {
+            iam_role: "arn:aws:iam::1:role/x' --".into(),
+            manifest_prefix: "m".into(),
+            ..config()
+        };
+        let problems = bad.problems();
+        assert!(problems[0].starts_with("redshift.iam_role") && problems[1].starts_with("redshift.manifest_prefix"));
+    }
+}

@@ -17,130 +17,23 @@
 use std::collections::HashMap;
 use std::str::FromStr;
 
-use serde::{Deserialize, Serialize};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Postgres, Transaction};
 
+mod copy;
+
+use self::copy::{Copied, read_header};
+pub use self::copy::{Manifest, ManifestEntry, ManifestMeta, copy_statement, sql_type};
 use super::{
     LoadOutcome, SinkOptions, append_history, db_error, file_columns, outcome_of_state, quote_ident, retries_exhausted,
 };
 use crate::config::Config;
 use crate::config::redshift::{CopyMode, RedshiftConfig};
 use crate::error::{FileError, FileErrorKind, LoadError, Stage};
-use crate::format::{self, Compression, Format, FormatOptions};
-use crate::reader::FileReader;
+use crate::format::{self, Compression, Format};
 use crate::routes::{LoadSpec, Routes};
 use crate::schema::{ColumnType, TypeInference};
 use crate::source::{INCOMING, ObjectMeta, Source};
-
-/// A Redshift COPY manifest.
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
-pub struct Manifest {
-    pub entries: Vec<ManifestEntry>,
-}
-
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
-pub struct ManifestEntry {
-    pub url: String,
-    pub mandatory: bool,
-    pub meta: ManifestMeta,
-}
-
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
-pub struct ManifestMeta {
-    pub content_length: u64,
-}
-
-impl Manifest {
-    /// Every file, mandatory (a file missing at COPY time fails the COPY, so nothing is
-    /// recorded as loaded that was not).
-    pub fn of(files: &[(String, u64)]) -> Manifest {
-        Manifest {
-            entries: files
-                .iter()
-                .map(|(url, size)| ManifestEntry {
-                    url: url.clone(),
-                    mandatory: true,
-                    meta: ManifestMeta { content_length: *size },
-                })
-                .collect(),
-        }
-    }
-}
-
-/// A Redshift string literal.
-fn literal(text: &str) -> String {
-    format!("'{}'", text.replace('\\', "\\\\").replace('\'', "''"))
-}
-
-/// The COPY statement for one manifest.
-pub fn copy_statement(
-    table: &str,
-    columns: &[String],
-    manifest_url: &str,
-    config: &RedshiftConfig,
-    format: Format,
-    options: &FormatOptions,
-    compression: Compression,
-) -> String {
-    let mut sql = format!(
-        "COPY {} ({}) FROM {} IAM_ROLE {} MANIFEST",
-        quote_ident(table),
-        columns.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", "),
-        literal(manifest_url),
-        literal(&config.iam_role)
-    );
-    match format {
-        Format::Jsonl => sql.push_str(" FORMAT AS JSON 'auto'"),
-        Format::Csv | Format::Tsv => {
-            let delimiter = if format == Format::Tsv && options.format.is_none() {
-                b'\t'
-            } else {
-                options.delimiter
-            };
-            sql.push_str(&format!(
-                " FORMAT AS CSV DELIMITER {} QUOTE AS {}",
-                literal(&(delimiter as char).to_string()),
-                literal(&(options.quote as char).to_string())
-            ));
-            if options.header {
-                sql.push_str(" IGNOREHEADER 1");
-            }
-            // An unquoted empty field is NULL, as everywhere in the loader.
-            if options.null.is_empty() {
-                sql.push_str(" EMPTYASNULL");
-            } else {
-                sql.push_str(&format!(" NULL AS {}", literal(&options.null)));
-            }
-        }
-    }
-    match compression {
-        Compression::Gzip => sql.push_str(" GZIP"),
-        Compression::Zstd => sql.push_str(" ZSTD"),
-        Compression::None => {}
-    }
-    if let Some(region) = &config.region {
-        sql.push_str(&format!(" REGION {}", literal(region)));
-    }
-    sql.push_str(" DATEFORMAT 'auto' TIMEFORMAT 'auto' COMPUPDATE OFF STATUPDATE OFF");
-    sql
-}
-
-/// Redshift column types.
-pub fn sql_type(t: ColumnType) -> &'static str {
-    match t {
-        ColumnType::Integer => "BIGINT",
-        // Redshift DECIMAL needs a fixed scale; text keeps every digit as written.
-        ColumnType::Numeric => "VARCHAR(65535)",
-        ColumnType::Float => "DOUBLE PRECISION",
-        ColumnType::Boolean => "BOOLEAN",
-        ColumnType::Date => "DATE",
-        ColumnType::Timestamp => "TIMESTAMP",
-        ColumnType::TimestampTz => "TIMESTAMPTZ",
-        ColumnType::Text => "VARCHAR(65535)",
-        ColumnType::Json => "SUPER",
-    }
-}
 
 pub struct RedshiftSink {
     pool: PgPool,
@@ -292,110 +185,51 @@ impl RedshiftSink {
         }
     }
 
+    /// One COPY for the batch's files that still need loading, in one transaction under the
+    /// ledger's lock: settle what the ledger already knows, create the table, write the
+    /// manifest, COPY, then record each file's outcome.
     async fn try_batch(&self, source: &Source, batch: &RedshiftBatch) -> Result<BatchOutcome, LoadError> {
-        let (files, spec) = (batch.files.as_slice(), &batch.spec);
-        let db = |e| db_error(e, Stage::Database);
-        let ledger = &self.options.ledger;
-        let table = match &spec.table {
+        let table = match &batch.spec.table {
             Ok(t) => t.clone(),
-            Err(e) => {
-                // No table: every file fails the same way, recorded like any failure.
-                let mut tx = self.lock().await?;
-                let mut out = Vec::new();
-                for f in files {
-                    self.ensure_row(&mut tx, source, f).await?;
-                    self.set_failed(&mut tx, &super::file_id(source.id(), f), e, None)
-                        .await?;
-                    out.push((f.clone(), Ok(LoadOutcome::Failed(e.clone()))));
-                }
-                tx.commit().await.map_err(db)?;
-                return Ok(out);
-            }
+            Err(e) => return self.fail_all(source, &batch.files, e).await,
         };
         // The columns and a sample from the first file (one route, one format: one header).
-        let (columns, fixed, sample) = read_header(source, &files[0], spec).await?;
+        let (columns, fixed, sample) = read_header(source, &batch.files[0], &batch.spec).await?;
         let mut tx = self.lock().await?;
-        let mut out: BatchOutcome = Vec::new();
-        let mut todo: Vec<&ObjectMeta> = Vec::new();
-        for f in files {
-            self.ensure_row(&mut tx, source, f).await?;
-            let id = super::file_id(source.id(), f);
-            let (state, rows, error, attempts, history): super::LedgerRow = sqlx::query_as(AssertSqlSafe(format!(
-                "SELECT state, row_count, error, CAST(attempts AS BIGINT), history FROM {ledger} WHERE file_id = $1"
-            )))
-            .bind(&id)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(db)?;
-            if let Some(done) = outcome_of_state(&state, rows, error) {
-                out.push((f.clone(), Ok(done)));
-            } else if attempts >= i64::from(self.options.max_attempts) {
-                let error = retries_exhausted(attempts, history.as_deref());
-                self.set_failed(&mut tx, &id, &error, Some(&table)).await?;
-                out.push((f.clone(), Ok(LoadOutcome::Failed(error))));
-            } else {
-                todo.push(f);
-            }
-        }
+        let (mut out, todo) = self.pending(&mut tx, source, &batch.files, &table).await?;
         if todo.is_empty() {
             tx.commit().await.map_err(db)?;
             return Ok(out);
         }
         let names = file_columns(&columns)?;
-        self.ensure_table(&mut tx, &table, &names, &fixed, sample.as_ref(), spec)
+        self.ensure_table(&mut tx, &table, &names, &fixed, sample.as_ref(), &batch.spec)
             .await?;
-        // The manifest goes to the bucket before the COPY that reads it.
-        let entries: Vec<(String, u64)> = todo
-            .iter()
-            .map(|f| (source.location(INCOMING, &f.key), f.size))
-            .collect();
-        let manifest = Manifest::of(&entries);
-        let manifest_path = format!(
-            "{}{table}/{}-{}.manifest",
-            self.config.manifest_prefix,
-            chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ"),
-            &super::file_id(source.id(), todo[0])[..16]
-        );
-        source
-            .put(&manifest_path, serde_json::to_vec_pretty(&manifest).unwrap_or_default())
-            .await
-            .map_err(|e| e.into_load_error(Stage::Report))?;
+        let (manifest, manifest_path) = self.write_manifest(source, &table, &todo).await?;
         let statement = copy_statement(
             &table,
             &names,
             &source.location("", &manifest_path),
             &self.config,
             batch.format,
-            &spec.format,
+            &batch.spec.format,
             batch.compression,
         );
         let copied = match self.config.copy {
             CopyMode::Redshift => self.copy_redshift(&mut tx, &statement).await?,
             #[cfg(feature = "redshift-emulation")]
             CopyMode::PostgresEmulation => {
-                emulate_copy(&mut tx, source, &table, &names, &manifest, spec, &todo).await?
+                copy::emulate_copy(&mut tx, source, &table, &names, &manifest, &batch.spec, &todo).await?
             }
         };
+        #[cfg(not(feature = "redshift-emulation"))]
+        let _ = &manifest;
         match copied {
             Copied::Rows(rows_by_url) => {
                 for f in &todo {
-                    let id = super::file_id(source.id(), f);
-                    let rows = rows_by_url
-                        .get(&source.location(INCOMING, &f.key))
-                        .copied()
-                        .unwrap_or(0);
-                    sqlx::query(AssertSqlSafe(format!(
-                        "UPDATE {ledger} SET state = 'loaded', row_count = $2, target_table = $3, error = NULL,
-                         attempts = attempts + 1, claimed_by = $4, loaded_at = $5, updated_at = $5 WHERE file_id = $1"
-                    )))
-                    .bind(&id)
-                    .bind(rows as i64)
-                    .bind(&table)
-                    .bind(&self.options.owner)
-                    .bind(chrono::Utc::now())
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db)?;
+                    let url = source.location(INCOMING, &f.key);
+                    let rows = rows_by_url.get(&url).copied().unwrap_or(0);
+                    self.set_loaded(&mut tx, &super::file_id(source.id(), f), rows, &table)
+                        .await?;
                     out.push(((*f).clone(), Ok(LoadOutcome::Loaded { rows })));
                 }
                 tx.commit().await.map_err(db)?;
@@ -404,33 +238,146 @@ impl RedshiftSink {
                 // The COPY rolled back whole: record the files it named as failed, in a new
                 // transaction; the others are left pending for the next tick.
                 drop(tx);
-                let mut tx = self.lock().await?;
-                for f in &todo {
-                    let url = source.location(INCOMING, &f.key);
-                    match bad.get(&url) {
-                        Some(error) => {
-                            self.set_failed(&mut tx, &super::file_id(source.id(), f), error, Some(&table))
-                                .await?;
-                            out.push(((*f).clone(), Ok(LoadOutcome::Failed(error.clone()))));
-                        }
-                        None => out.push((
-                            (*f).clone(),
-                            Err(LoadError::transient(
-                                Stage::Database,
-                                "another file of its batch failed the COPY; retried next tick",
-                            )),
-                        )),
-                    }
-                }
-                tx.commit().await.map_err(db)?;
+                out.extend(self.record_rejected(source, &todo, &bad, &table).await?);
             }
         }
         Ok(out)
     }
 
+    /// No table for the batch: every file fails the same way, recorded like any failure.
+    async fn fail_all(
+        &self,
+        source: &Source,
+        files: &[ObjectMeta],
+        error: &FileError,
+    ) -> Result<BatchOutcome, LoadError> {
+        let mut tx = self.lock().await?;
+        let mut out = Vec::new();
+        for f in files {
+            self.ensure_row(&mut tx, source, f).await?;
+            self.set_failed(&mut tx, &super::file_id(source.id(), f), error, None)
+                .await?;
+            out.push((f.clone(), Ok(LoadOutcome::Failed(error.clone()))));
+        }
+        tx.commit().await.map_err(db)?;
+        Ok(out)
+    }
+
+    /// Records each file in the ledger and settles those it already knows (loaded, failed, out
+    /// of attempts); returns their outcomes and the files left to load.
+    async fn pending<'f>(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        source: &Source,
+        files: &'f [ObjectMeta],
+        table: &String,
+    ) -> Result<(BatchOutcome, Vec<&'f ObjectMeta>), LoadError> {
+        let ledger = &self.options.ledger;
+        let mut out: BatchOutcome = Vec::new();
+        let mut todo = Vec::new();
+        for f in files {
+            self.ensure_row(tx, source, f).await?;
+            let id = super::file_id(source.id(), f);
+            let (state, rows, error, attempts, history): super::LedgerRow = sqlx::query_as(AssertSqlSafe(format!(
+                "SELECT state, row_count, error, CAST(attempts AS BIGINT), history FROM {ledger} WHERE file_id = $1"
+            )))
+            .bind(&id)
+            .fetch_one(&mut **tx)
+            .await
+            .map_err(db)?;
+            if let Some(done) = outcome_of_state(&state, rows, error) {
+                out.push((f.clone(), Ok(done)));
+            } else if attempts >= i64::from(self.options.max_attempts) {
+                let error = retries_exhausted(attempts, history.as_deref());
+                self.set_failed(tx, &id, &error, Some(table)).await?;
+                out.push((f.clone(), Ok(LoadOutcome::Failed(error))));
+            } else {
+                todo.push(f);
+            }
+        }
+        Ok((out, todo))
+    }
+
+    /// The manifest goes to the bucket before the COPY that reads it; returns it and its key.
+    async fn write_manifest(
+        &self,
+        source: &Source,
+        table: &str,
+        todo: &[&ObjectMeta],
+    ) -> Result<(Manifest, String), LoadError> {
+        let entries: Vec<(String, u64)> = todo
+            .iter()
+            .map(|f| (source.location(INCOMING, &f.key), f.size))
+            .collect();
+        let manifest = Manifest::of(&entries);
+        let path = format!(
+            "{}{table}/{}-{}.manifest",
+            self.config.manifest_prefix,
+            chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ"),
+            &super::file_id(source.id(), todo[0])[..16]
+        );
+        source
+            .put(&path, serde_json::to_vec_pretty(&manifest).unwrap_or_default())
+            .await
+            .map_err(|e| e.into_load_error(Stage::Report))?;
+        Ok((manifest, path))
+    }
+
+    async fn set_loaded(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        id: &str,
+        rows: u64,
+        table: &str,
+    ) -> Result<(), LoadError> {
+        sqlx::query(AssertSqlSafe(format!(
+            "UPDATE {} SET state = 'loaded', row_count = $2, target_table = $3, error = NULL,
+             attempts = attempts + 1, claimed_by = $4, loaded_at = $5, updated_at = $5 WHERE file_id = $1",
+            self.options.ledger
+        )))
+        .bind(id)
+        .bind(rows as i64)
+        .bind(table)
+        .bind(&self.options.owner)
+        .bind(chrono::Utc::now())
+        .execute(&mut **tx)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    /// After a COPY that rejected files: those it named are failed; the others stay pending.
+    async fn record_rejected(
+        &self,
+        source: &Source,
+        todo: &[&ObjectMeta],
+        bad: &HashMap<String, FileError>,
+        table: &String,
+    ) -> Result<BatchOutcome, LoadError> {
+        let mut tx = self.lock().await?;
+        let mut out = Vec::new();
+        for f in todo {
+            match bad.get(&source.location(INCOMING, &f.key)) {
+                Some(error) => {
+                    self.set_failed(&mut tx, &super::file_id(source.id(), f), error, Some(table))
+                        .await?;
+                    out.push(((*f).clone(), Ok(LoadOutcome::Failed(error.clone()))));
+                }
+                None => out.push((
+                    (*f).clone(),
+                    Err(LoadError::transient(
+                        Stage::Database,
+                        "another file of its batch failed the COPY; retried next tick",
+                    )),
+                )),
+            }
+        }
+        tx.commit().await.map_err(db)?;
+        Ok(out)
+    }
+
     /// A transaction holding the ledger's lock: replicas take turns.
     async fn lock(&self) -> Result<Transaction<'static, Postgres>, LoadError> {
-        let db = |e| db_error(e, Stage::Database);
         let mut tx = self.pool.begin().await.map_err(db)?;
         sqlx::query(AssertSqlSafe(format!("LOCK {}", self.options.ledger)))
             .execute(&mut *tx)
@@ -610,96 +557,8 @@ impl RedshiftSink {
     }
 }
 
-/// What a COPY did: rows per file URL, or the files it rejected.
-enum Copied {
-    Rows(HashMap<String, u64>),
-    Rejected(HashMap<String, FileError>),
-}
-
-/// The header, the types the format fixes and a sample of the first file.
-async fn read_header(
-    source: &Source,
-    file: &ObjectMeta,
-    spec: &LoadSpec,
-) -> Result<(Vec<String>, Vec<Option<ColumnType>>, Option<format::Batch>), LoadError> {
-    let mut decoded = FileReader::new(source, file, &spec.format).rows().await?;
-    let sample = decoded.next_batch().await.map_err(LoadError::from)?;
-    Ok((decoded.header, decoded.types, sample))
-}
-
-#[cfg(feature = "redshift-emulation")]
-/// Tests only: what `COPY … FROM 's3://…manifest'` does, done with PostgreSQL's COPY FROM STDIN
-/// for each file the manifest lists (read back from the store), in the same transaction.
-async fn emulate_copy(
-    tx: &mut Transaction<'static, Postgres>,
-    source: &Source,
-    table: &str,
-    columns: &[String],
-    manifest: &Manifest,
-    spec: &LoadSpec,
-    files: &[&ObjectMeta],
-) -> Result<Copied, LoadError> {
-    let mut rows = HashMap::new();
-    for entry in &manifest.entries {
-        let Some(file) = files.iter().find(|f| source.location(INCOMING, &f.key) == entry.url) else {
-            return Err(LoadError::transient(
-                Stage::Database,
-                format!("manifest entry {} is not in the batch", entry.url),
-            ));
-        };
-        sqlx::query("SAVEPOINT emulated_copy")
-            .execute(&mut **tx)
-            .await
-            .map_err(|e| db_error(e, Stage::Database))?;
-        let mut decoded = match FileReader::new(source, file, &spec.format).rows().await {
-            Ok(d) => d,
-            Err(LoadError::Permanent(fe)) => return Ok(Copied::Rejected(HashMap::from([(entry.url.clone(), fe)]))),
-            Err(t) => return Err(t),
-        };
-        let statement = format!(
-            "COPY {} ({}) FROM STDIN WITH (FORMAT csv)",
-            quote_ident(table),
-            columns.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", ")
-        );
-        let mut copy = tx
-            .copy_in_raw(&statement)
-            .await
-            .map_err(|e| db_error(e, Stage::Database))?;
-        let mut buffer = Vec::new();
-        let mut failed = None;
-        loop {
-            match decoded.next_batch().await {
-                Ok(Some(b)) => {
-                    buffer.clear();
-                    super::postgres::encode_csv(&b, None, &mut buffer);
-                    if let Err(e) = copy.send(buffer.as_slice()).await {
-                        failed = Some(db_error(e, Stage::Database));
-                        break;
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    failed = Some(LoadError::from(e));
-                    break;
-                }
-            }
-        }
-        let result = match failed {
-            Some(e) => {
-                let _ = copy.abort("rejected").await;
-                Err(e)
-            }
-            None => copy.finish().await.map_err(|e| db_error(e, Stage::Database)),
-        };
-        match result {
-            Ok(n) => {
-                rows.insert(entry.url.clone(), n);
-            }
-            Err(LoadError::Permanent(fe)) => return Ok(Copied::Rejected(HashMap::from([(entry.url.clone(), fe)]))),
-            Err(t) => return Err(t),
-        }
-    }
-    Ok(Copied::Rows(rows))
+fn db(e: sqlx::Error) -> LoadError {
+    db_error(e, Stage::Database)
 }
 
 #[cfg(test)]
@@ -746,79 +605,5 @@ mod tests {
             ]
         );
         assert_eq!(batches[2].spec.table.as_deref().ok(), Some("events"));
-    }
-
-    fn config() -> RedshiftConfig {
-        RedshiftConfig {
-            iam_role: "arn:aws:iam::123456789012:role/loader".into(),
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn the_copy_statement_follows_format_compression_and_options() {
-        let cols = vec!["id".to_string(), "name".to_string()];
-        let url = "s3://b/manifests/orders/x.manifest";
-        let csv = FormatOptions::default();
-        assert_eq!(
-            copy_statement("orders", &cols, url, &config(), Format::Csv, &csv, Compression::None),
-            "COPY \"orders\" (\"id\", \"name\") FROM 's3://b/manifests/orders/x.manifest' IAM_ROLE \
-             'arn:aws:iam::123456789012:role/loader' MANIFEST FORMAT AS CSV DELIMITER ',' QUOTE AS '\"' IGNOREHEADER 1 \
-             EMPTYASNULL DATEFORMAT 'auto' TIMEFORMAT 'auto' COMPUPDATE OFF STATUPDATE OFF"
-        );
-        let tsv = FormatOptions {
-            null: "\\N".into(),
-            ..FormatOptions::default()
-        };
-        let sql = copy_statement("t", &cols, url, &config(), Format::Tsv, &tsv, Compression::Gzip);
-        assert!(
-            sql.contains("DELIMITER '\t' QUOTE AS '\"' IGNOREHEADER 1 NULL AS '\\\\N' GZIP"),
-            "{sql}"
-        );
-        let headerless = FormatOptions {
-            header: false,
-            quote: b'\'',
-            ..FormatOptions::default()
-        };
-        let sql = copy_statement("t", &cols, url, &config(), Format::Csv, &headerless, Compression::Zstd);
-        assert!(
-            sql.contains("QUOTE AS '''' EMPTYASNULL ZSTD") && !sql.contains("IGNOREHEADER"),
-            "{sql}"
-        );
-        let mut regional = config();
-        regional.region = Some("eu-west-1".into());
-        let sql = copy_statement("t", &cols, url, &regional, Format::Jsonl, &csv, Compression::None);
-        assert!(
-            sql.contains("MANIFEST FORMAT AS JSON 'auto' REGION 'eu-west-1'"),
-            "{sql}"
-        );
-    }
-
-    #[test]
-    fn the_manifest_lists_every_file_as_mandatory_with_its_size() {
-        let m = Manifest::of(&[
-            ("s3://b/incoming/t/a.csv".into(), 10),
-            ("s3://b/incoming/t/b.csv.gz".into(), 20),
-        ]);
-        assert_eq!(
-            serde_json::to_value(&m).unwrap(),
-            serde_json::json!({"entries": [
-                {"url": "s3://b/incoming/t/a.csv", "mandatory": true, "meta": {"content_length": 10}},
-                {"url": "s3://b/incoming/t/b.csv.gz", "mandatory": true, "meta": {"content_length": 20}}
-            ]})
-        );
-    }
-
-    #[test]
-    fn the_iam_role_and_prefix_are_checked() {
-        assert!(config().problems().is_empty());
-        let bad = RedshiftConfig {
-            iam_role: "arn:aws:iam::1:role/x' --".into(),
-            manifest_prefix: "m".into(),
-            ..config()
-        };
-        let problems = bad.problems();
-        assert!(problems[0].starts_with("redshift.iam_role") && problems[1].starts_with("redshift.manifest_prefix"));
-        assert_eq!(literal("it's \\ here"), "'it''s \\\\ here'");
     }
 }
