@@ -3,7 +3,7 @@
 //! `config/default.toml`. [`Config::load`] reports every problem at once and names the key.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use figment::Figment;
@@ -11,8 +11,13 @@ use figment::providers::{Env, Format, Toml};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
+mod limits;
 pub mod redshift;
 pub mod routes;
+mod urls;
+
+pub use self::limits::LimitsConfig;
+pub use self::urls::{Dialect, SourceUrl, dialect_of, parse_source_url};
 
 /// The whole configuration. Unknown keys anywhere are an error.
 #[derive(Debug, Clone, Deserialize)]
@@ -334,86 +339,6 @@ impl Default for HealthConfig {
     }
 }
 
-/// Bounds on one file, checked while it is read, so that no file can make the loader hold
-/// more than a known amount of memory or decompress without end. A file over a limit goes to
-/// `failed/` with a report of kind `limit` naming the key and its value; it is never retried.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LimitsConfig {
-    /// Bytes of one CSV record (from the end of the previous one, so blank lines before it
-    /// count) or of one JSON line. The reader holds about this much of a record at most.
-    pub record_bytes: u64,
-    /// Bytes of one CSV field (after unquoting). At most `record_bytes`.
-    pub field_bytes: u64,
-    /// Fields of one CSV record, the header included (checked while it is read); columns of a
-    /// JSON lines file. At most 1600, the most columns a table gets.
-    pub columns: u64,
-    /// Keys of one JSON object (checked while it is parsed).
-    pub json_keys: u64,
-    /// Bytes a gzip or zstd file may decompress to; 0: no limit.
-    pub decompressed_bytes: u64,
-    /// Decompressed bytes per compressed byte read, checked once 1 MiB has come out (so a tiny
-    /// file is not judged on noise); 0: no limit. gzip cannot exceed about 1032.
-    pub compression_ratio: u64,
-}
-
-impl Default for LimitsConfig {
-    /// See [`crate::format::InputLimits::default`], where each default is explained.
-    fn default() -> Self {
-        let d = crate::format::InputLimits::default();
-        Self {
-            record_bytes: d.record_bytes as u64,
-            field_bytes: d.field_bytes as u64,
-            columns: d.columns as u64,
-            json_keys: d.json_keys as u64,
-            decompressed_bytes: d.decompressed_bytes,
-            compression_ratio: d.compression_ratio,
-        }
-    }
-}
-
-impl LimitsConfig {
-    /// The limits as the readers take them (see [`crate::format::InputLimits`]).
-    pub fn input_limits(&self) -> crate::format::InputLimits {
-        let size = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
-        crate::format::InputLimits {
-            record_bytes: size(self.record_bytes),
-            field_bytes: size(self.field_bytes),
-            columns: size(self.columns),
-            json_keys: size(self.json_keys),
-            decompressed_bytes: self.decompressed_bytes,
-            compression_ratio: self.compression_ratio,
-        }
-    }
-
-    fn problems(&self) -> Vec<String> {
-        let mut problems = Vec::new();
-        if !(1 << 10..=1 << 30).contains(&self.record_bytes) {
-            problems.push(format!(
-                "limits.record_bytes: must be between 1024 (1 KiB) and 1073741824 (1 GiB), got {}",
-                self.record_bytes
-            ));
-        }
-        if self.field_bytes == 0 || self.field_bytes > self.record_bytes {
-            problems.push(format!(
-                "limits.field_bytes: must be between 1 and limits.record_bytes ({}), got {}",
-                self.record_bytes, self.field_bytes
-            ));
-        }
-        let max_columns = crate::schema::MAX_COLUMNS as u64;
-        if !(1..=max_columns).contains(&self.columns) {
-            problems.push(format!(
-                "limits.columns: must be between 1 and {max_columns} (the most columns a table gets), got {}",
-                self.columns
-            ));
-        }
-        if self.json_keys == 0 {
-            problems.push("limits.json_keys: must be at least 1".into());
-        }
-        problems
-    }
-}
-
 /// CloudWatch custom metrics, published at every tick.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -438,23 +363,6 @@ impl Default for CloudWatchConfig {
             timeout: Duration::from_secs(10),
         }
     }
-}
-
-/// The source URL, parsed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SourceUrl {
-    Local(PathBuf),
-    S3 { bucket: String, root: String },
-}
-
-/// Which database the URL selects.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Dialect {
-    Postgres,
-    MySql,
-    Sqlite,
-    /// Amazon Redshift, over the PostgreSQL protocol, loading by COPY from S3.
-    Redshift,
 }
 
 /// A configuration that cannot be used; the message lists every problem, one per line.
@@ -632,55 +540,6 @@ fn single_ascii(s: &str) -> Option<u8> {
     }
 }
 
-/// Parses `file://DIR` and `s3://BUCKET[/ROOT]`.
-pub fn parse_source_url(url: &str) -> Result<SourceUrl, String> {
-    if let Some(path) = url.strip_prefix("file://") {
-        if path.is_empty() {
-            return Err("file:// needs a folder, e.g. file://./data or file:///var/lib/loader".into());
-        }
-        return Ok(SourceUrl::Local(PathBuf::from(path)));
-    }
-    if let Some(rest) = url.strip_prefix("s3://") {
-        let (bucket, root) = rest.split_once('/').unwrap_or((rest, ""));
-        let valid_bucket = (3..=63).contains(&bucket.len())
-            && bucket
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-');
-        if !valid_bucket {
-            return Err(format!("{bucket:?} is not a valid S3 bucket name"));
-        }
-        let root = root.trim_matches('/');
-        let root = if root.is_empty() {
-            String::new()
-        } else {
-            format!("{root}/")
-        };
-        return Ok(SourceUrl::S3 {
-            bucket: bucket.into(),
-            root,
-        });
-    }
-    Err(format!(
-        "expected file://DIR or s3://BUCKET[/ROOT], got {:?}",
-        crate::redact::url(url)
-    ))
-}
-
-/// Picks the database from the URL scheme.
-pub fn dialect_of(url: &str) -> Result<Dialect, String> {
-    let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or("");
-    match scheme {
-        "postgres" | "postgresql" => Ok(Dialect::Postgres),
-        "mysql" | "mariadb" => Ok(Dialect::MySql),
-        "sqlite" => Ok(Dialect::Sqlite),
-        "redshift" => Ok(Dialect::Redshift),
-        _ => Err(format!(
-            "expected a postgres://, mysql://, sqlite:// or redshift:// URL, got {:?}",
-            crate::redact::url(url)
-        )),
-    }
-}
-
 /// Turns one figment error into "key: what is wrong (where it came from)".
 fn describe_figment_error(e: figment::Error) -> String {
     let key = if e.path.is_empty() {
@@ -732,118 +591,4 @@ mod duration {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn source_urls_parse_into_folder_or_bucket_and_root() {
-        assert_eq!(parse_source_url("file://./data"), Ok(SourceUrl::Local("./data".into())));
-        assert_eq!(
-            parse_source_url("s3://my-bucket"),
-            Ok(SourceUrl::S3 {
-                bucket: "my-bucket".into(),
-                root: String::new()
-            })
-        );
-        assert_eq!(
-            parse_source_url("s3://my-bucket/a/b/"),
-            Ok(SourceUrl::S3 {
-                bucket: "my-bucket".into(),
-                root: "a/b/".into()
-            })
-        );
-        assert!(parse_source_url("s3://UPPER").is_err());
-        assert!(parse_source_url("http://x").is_err());
-        assert!(parse_source_url("file://").is_err());
-    }
-
-    #[test]
-    fn the_database_scheme_selects_the_dialect() {
-        assert_eq!(dialect_of("postgres://u:p@h/db"), Ok(Dialect::Postgres));
-        assert_eq!(dialect_of("postgresql://h/db"), Ok(Dialect::Postgres));
-        assert_eq!(dialect_of("mysql://root@h/db"), Ok(Dialect::MySql));
-        assert_eq!(dialect_of("sqlite://./x.db"), Ok(Dialect::Sqlite));
-        let err = dialect_of("oracle://scott:tiger@h/db").unwrap_err();
-        assert!(!err.contains("tiger"), "{err}");
-    }
-
-    #[test]
-    fn the_shipped_configuration_files_are_valid() {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        for file in ["config/default.toml", "config/container.toml", "k8s/base/config.toml"] {
-            Config::figment(Some(&root.join(file)))
-                .extract::<Config>()
-                .unwrap_or_else(|e| panic!("{file}: {e}"))
-                .validated()
-                .unwrap_or_else(|e| panic!("{file}: {e}"));
-        }
-    }
-
-    #[test]
-    fn a_pool_no_larger_than_the_workers_is_refused() {
-        let mut c = Config::default();
-        c.workers.concurrency = 4;
-        c.database.max_connections = 4;
-        let err = c.clone().validated().unwrap_err();
-        assert!(err.problems[0].starts_with("database.max_connections:"), "{err:?}");
-        c.database.max_connections = 5;
-        assert!(c.clone().validated().is_ok());
-        c.database.max_connections = 0;
-        assert!(c.validated().is_ok());
-    }
-
-    #[test]
-    fn every_problem_is_reported_at_once_with_its_key() {
-        let mut c = Config::default();
-        c.schedule.max_files_per_tick = 0;
-        c.workers.concurrency = 0;
-        c.csv.delimiter = ",,".into();
-        c.http.listen = "nowhere".into();
-        let err = c.validated().unwrap_err();
-        let keys: Vec<&str> = err.problems.iter().map(|p| p.split(':').next().unwrap()).collect();
-        assert_eq!(
-            keys,
-            [
-                "schedule.max_files_per_tick",
-                "workers.concurrency",
-                "csv.delimiter",
-                "http.listen"
-            ]
-        );
-    }
-
-    #[test]
-    fn bad_limits_are_each_named_with_what_is_accepted() {
-        let limits = Config::default().limits.input_limits();
-        assert_eq!(
-            (
-                limits.record_bytes,
-                limits.field_bytes,
-                limits.columns,
-                limits.json_keys
-            ),
-            (16 << 20, 10 << 20, 1600, 1600)
-        );
-        let mut c = Config::default();
-        c.limits.record_bytes = 100;
-        c.limits.field_bytes = 0;
-        c.limits.columns = 5000;
-        c.limits.json_keys = 0;
-        let keys: Vec<String> = c
-            .validated()
-            .unwrap_err()
-            .problems
-            .iter()
-            .map(|p| p.split(':').next().unwrap_or_default().to_string())
-            .collect();
-        assert_eq!(
-            keys,
-            [
-                "limits.record_bytes",
-                "limits.field_bytes",
-                "limits.columns",
-                "limits.json_keys"
-            ]
-        );
-    }
-}
+mod tests;
