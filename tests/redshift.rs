@@ -124,7 +124,7 @@ async fn files_move_only_after_the_commit_and_a_failed_move_never_reloads() {
         2,
         "not moved while the copy to processed/ fails"
     );
-    tokio::time::sleep(Duration::from_secs(3)).await; // more ticks: found loaded, never reloaded
+    loader.wait_ticks(2).await; // more ticks: found loaded, never reloaded
     assert_eq!(db.count("SELECT count(*) FROM orders").await, 20);
 
     proxy.set_rules(vec![]);

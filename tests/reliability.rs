@@ -48,6 +48,27 @@ fn s3_env(moto: &Moto, endpoint: &str, bucket: &str, db_url: &str, extra: &[(&st
     env
 }
 
+/// Waits until `bytes` of a throttled object have been read through `proxy`: past the
+/// start, so the load is mid-way (claimed, counted, its transaction open).
+async fn wait_read(proxy: &S3Proxy, bytes: u64) {
+    wait_until(Duration::from_secs(30), "the load reading the object", || async {
+        proxy.throttled_bytes.load(std::sync::atomic::Ordering::Relaxed) > bytes
+    })
+    .await;
+}
+
+/// Waits until a COPY into `db` has received rows (uncommitted): the load is mid-way.
+async fn wait_copying(db: &PgDb) {
+    wait_until(Duration::from_secs(30), "the load writing rows", || async {
+        db.count(
+            "SELECT count(*) FROM pg_stat_progress_copy WHERE datname = current_database() AND tuples_processed > 0",
+        )
+        .await
+            == 1
+    })
+    .await;
+}
+
 async fn wait_in_flight(loader: &Loader) {
     wait_until(Duration::from_secs(30), "a load in flight", || async {
         loader.status().await["in_flight"] == 1
@@ -75,7 +96,7 @@ async fn a_frozen_loaders_claim_expires_and_another_loader_takes_the_file_once()
     let a = Loader::spawn(dir_a.path(), &env);
     a.wait_up().await;
     wait_in_flight(&a).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_read(&proxy, 256 << 10).await;
     a.signal(libc::SIGSTOP); // frozen mid-load, its connections open and its rows uncommitted
     proxy.set_rules(vec![]);
 
@@ -230,7 +251,7 @@ async fn a_database_connection_cut_mid_load_rolls_back_and_the_retry_loads_once(
     let loader = Loader::spawn(dir.path(), &env);
     loader.wait_up().await;
     wait_in_flight(&loader).await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    wait_read(&s3, 256 << 10).await;
     assert_eq!(
         db.count("SELECT count(*) FROM s3_sql_loader_files WHERE state = 'loaded'")
             .await,
@@ -304,15 +325,7 @@ async fn sigterm_with_a_short_grace_rolls_the_load_back_exits_0_and_a_restart_lo
     loader.wait_up().await;
     // PostgreSQL's own progress view: rows are streaming into COPY (the table, created in the
     // load's transaction, is not visible before the commit).
-    wait_until(Duration::from_secs(30), "the load writing rows", || async {
-        db.count(
-            "SELECT count(*) FROM pg_stat_progress_copy WHERE datname = current_database() AND tuples_processed > 0",
-        )
-        .await
-            == 1
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_copying(&db).await;
     assert_eq!(loader.status().await["in_flight"], 1);
     let stopped = Instant::now();
     loader.signal(libc::SIGTERM);
@@ -496,7 +509,9 @@ async fn no_secret_appears_in_logs_status_metrics_readiness_or_reports() {
             seen.push_str(&reqwest::get(l.url(path)).await.unwrap().text().await.unwrap());
         }
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // More ticks of both for their logs (the unready one's first tick fails on the database).
+    loader.wait_ticks(2).await;
+    unready.wait_ticks(1).await;
     seen.push_str(&loader.log());
     seen.push_str(&unready.log());
     for key in bucket.keys("failed/").await {

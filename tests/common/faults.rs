@@ -102,6 +102,7 @@ struct ProxyState {
     faults: Arc<AtomicU64>,
     requests: Arc<AtomicU64>,
     throttled_answers: Arc<AtomicU64>,
+    throttled_bytes: Arc<AtomicU64>,
 }
 
 /// An HTTP proxy in front of an S3-protocol server.
@@ -113,6 +114,8 @@ pub struct S3Proxy {
     /// Throttled requests the upstream has answered (their bodies may still be streaming):
     /// from then on, the upstream's answer (a version, a precondition) is fixed.
     pub throttled_answers: Arc<AtomicU64>,
+    /// Bytes of throttled bodies sent so far: how far a slow read has come.
+    pub throttled_bytes: Arc<AtomicU64>,
 }
 
 impl S3Proxy {
@@ -125,9 +128,11 @@ impl S3Proxy {
             faults: Arc::new(AtomicU64::new(0)),
             requests: Arc::new(AtomicU64::new(0)),
             throttled_answers: Arc::new(AtomicU64::new(0)),
+            throttled_bytes: Arc::new(AtomicU64::new(0)),
         };
         let (faults, requests) = (state.faults.clone(), state.requests.clone());
         let throttled_answers = state.throttled_answers.clone();
+        let throttled_bytes = state.throttled_bytes.clone();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let endpoint = format!("http://127.0.0.1:{}", listener.local_addr().unwrap().port());
         let app = axum::Router::new().fallback(forward).with_state(state);
@@ -138,6 +143,7 @@ impl S3Proxy {
             faults,
             requests,
             throttled_answers,
+            throttled_bytes,
         }
     }
 
@@ -246,9 +252,16 @@ async fn forward(State(state): State<ProxyState>, request: Request) -> Response 
                 futures_util::stream::iter(pieces)
             });
             let delay = Duration::from_secs_f64(16.0 * 1024.0 / bytes_per_second as f64);
-            Body::from_stream(throttled.then(move |piece| async move {
-                tokio::time::sleep(delay).await;
-                piece
+            let counted = state.throttled_bytes.clone();
+            Body::from_stream(throttled.then(move |piece| {
+                let counted = counted.clone();
+                async move {
+                    tokio::time::sleep(delay).await;
+                    if let Ok(p) = &piece {
+                        counted.fetch_add(p.len() as u64, Ordering::Relaxed);
+                    }
+                    piece
+                }
             }))
         }
         _ => Body::from_stream(stream),

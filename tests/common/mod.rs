@@ -12,6 +12,14 @@ use aws_sdk_s3::primitives::ByteStream;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_s3-sql-loader");
 
+/// The port of the loader's `http.listen` log line (JSON or text logs).
+fn listening_port(log: &str) -> Option<u16> {
+    let after = &log[log.find("http.listen")?..];
+    let addr = &after[after.find("127.0.0.1:")? + "127.0.0.1:".len()..];
+    let digits: String = addr.chars().take_while(|c| c.is_ascii_digit()).collect();
+    digits.parse().ok()
+}
+
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -88,20 +96,35 @@ impl Moto {
                 "moto_server".into()
             }
         });
-        let port = free_port();
-        let child = Command::new(&exe)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        // Port 0: the system picks, moto says which on stderr (" * Running on http://..."). A
+        // thread keeps reading stderr (moto logs every request there) so moto never blocks.
+        let mut child = Command::new(&exe)
+            .args(["-H", "127.0.0.1", "-p", "0"])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| {
                 panic!("cannot start {exe} (run the tests through scripts/test, which installs moto): {e}")
             });
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "moto did not start on port {port}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(at) = line.find("Running on http://127.0.0.1:") {
+                    let digits: String = line[at + "Running on http://127.0.0.1:".len()..]
+                        .chars()
+                        .take_while(|c| c.is_ascii_digit())
+                        .collect();
+                    let _ = tx.send(digits.parse::<u16>().ok());
+                }
+            }
+        });
+        let port = rx
+            .recv_timeout(Duration::from_secs(30))
+            .ok()
+            .flatten()
+            .expect("moto did not say which port it listens on within 30 s");
         Moto {
             child,
             endpoint: format!("http://127.0.0.1:{port}"),
@@ -296,17 +319,33 @@ pub fn kv(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
 }
 
 impl Loader {
-    /// Starts `s3-sql-loader run` in `dir`, serving HTTP on a free port.
+    /// Starts `s3-sql-loader run` in `dir`, serving HTTP on a port the system picks (port 0),
+    /// read back from the loader's log line `serving ...` (no port is bound and released
+    /// first, so none can be taken meanwhile). A loader that exits before it serves keeps
+    /// port 0.
     pub fn spawn(dir: &Path, env: &[(String, String)]) -> Loader {
-        let port = free_port();
-        let log = dir.join(format!("loader-{port}.log"));
-        let child = command(dir, env)
-            .env("LOADER_HTTP__LISTEN", format!("127.0.0.1:{port}"))
+        static STARTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let log = dir.join(format!("loader-{}-{n}.log", std::process::id()));
+        let mut child = command(dir, env)
+            .env("LOADER_HTTP__LISTEN", "127.0.0.1:0")
             .arg("run")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let port = loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if let Some(port) = listening_port(&text) {
+                break port;
+            }
+            if child.try_wait().ok().flatten().is_some() {
+                break 0;
+            }
+            assert!(Instant::now() < deadline, "the loader did not start serving:\n{text}");
+            std::thread::sleep(Duration::from_millis(20));
+        };
         Loader {
             child: Some(child),
             port,
@@ -326,6 +365,17 @@ impl Loader {
                 .await
                 .map(|r| r.status().is_success())
                 .unwrap_or(false)
+        })
+        .await;
+    }
+
+    /// Waits until the loader has ticked `more` more times (whatever each tick found): a wait on
+    /// its own progress, for "nothing else happens meanwhile" checks, instead of a fixed sleep.
+    pub async fn wait_ticks(&self, more: u64) {
+        let ticks = |s: serde_json::Value| s["totals"]["ticks"].as_u64().unwrap_or(0);
+        let target = ticks(self.status().await) + more;
+        wait_until(Duration::from_secs(60), "more ticks", || async {
+            ticks(self.status().await) >= target
         })
         .await;
     }
