@@ -139,3 +139,51 @@ async fn files_move_only_after_the_commit_and_a_failed_move_never_reloads() {
     assert_eq!(db.count("SELECT count(*) FROM orders").await, 20);
     assert_eq!(db.count("SELECT count(DISTINCT id) FROM orders").await, 20);
 }
+
+/// The crash-loop guard on Redshift too: the batch's attempts are committed before its COPY,
+/// so a loader killed during the COPY every time ends the file in failed/ as `crashed_loader`
+/// after `retry.max_attempts`, instead of retrying it forever.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_whose_copy_kills_the_loader_every_time_ends_in_failed() {
+    let moto = Moto::start();
+    let proxy = S3Proxy::start(&moto.endpoint).await;
+    let bucket = Bucket::create(&moto, "warehouse-crash").await;
+    let db = PgDb::create("redshift_crash").await;
+    bucket.put("incoming/orders/big.csv", orders_csv(1, 20_000)).await;
+    // The COPY reads the file slowly: the loader is killed while it runs.
+    proxy.set_rules(vec![Rule {
+        method: Some("GET"),
+        path_contains: "big.csv".into(),
+        fault: Fault::Throttle(200_000),
+        rate: 1.0,
+    }]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = env(moto.env(), &proxy.endpoint, "warehouse-crash", &db);
+    env.extend(kv(&[("LOADER_RETRY__MAX_ATTEMPTS", "2")]));
+    let attempts = || async {
+        sqlx::query_scalar::<_, i64>("SELECT COALESCE(MAX(attempts), 0)::bigint FROM s3_sql_loader_files")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap_or(0)
+    };
+    for kill in 1..=2 {
+        let mut loader = Loader::spawn(dir.path(), &env);
+        wait_until(Duration::from_secs(60), "the attempt counted", || async {
+            attempts().await == kill
+        })
+        .await;
+        loader.signal(libc::SIGKILL);
+        loader.wait_exit(Duration::from_secs(10)).expect("killed");
+        assert!(bucket.keys("processed/").await.is_empty(), "killed mid-COPY");
+    }
+    let (status, stdout, stderr) = run(dir.path(), &["once"], &env);
+    assert_eq!(status.code(), Some(1), "{stdout}{stderr}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&bucket.get("failed/orders/big.csv.error.json").await).unwrap();
+    assert_eq!(report["error"]["kind"], "crashed_loader", "{report}");
+    assert_eq!(
+        db.count("SELECT count(*) FROM s3_sql_loader_files WHERE state = 'failed'")
+            .await,
+        1
+    );
+}

@@ -158,7 +158,7 @@ impl RedshiftSink {
         .await?;
         if let Some((history,)) = history {
             sqlx::query(AssertSqlSafe(format!(
-                "UPDATE {ledger} SET attempts = attempts + 1, history = $2, updated_at = $3 WHERE file_id = $1"
+                "UPDATE {ledger} SET history = $2, updated_at = $3 WHERE file_id = $1"
             )))
             .bind(id)
             .bind(append_history(history.as_deref(), stage, message))
@@ -197,6 +197,19 @@ impl RedshiftSink {
         let (columns, fixed, sample) = read_header(source, &batch.files[0], &batch.spec).await?;
         let mut tx = self.lock().await?;
         let (mut out, todo) = self.pending(&mut tx, source, &batch.files, &table).await?;
+        // The attempts count now, committed before the COPY (as for every database): a load
+        // that kills the process still counts, and ends in failed/ as `crashed_loader`.
+        for f in &todo {
+            self.count_attempt(&mut tx, &super::file_id(source.id(), f)).await?;
+        }
+        tx.commit().await.map_err(db)?;
+        if todo.is_empty() {
+            return Ok(out);
+        }
+        let mut tx = self.lock().await?;
+        // Between the two transactions another replica may have loaded some of them.
+        let (settled, todo) = self.still_pending(&mut tx, source, todo).await?;
+        out.extend(settled);
         if todo.is_empty() {
             tx.commit().await.map_err(db)?;
             return Ok(out);
@@ -255,8 +268,9 @@ impl RedshiftSink {
         let mut out = Vec::new();
         for f in files {
             self.ensure_row(&mut tx, source, f).await?;
-            self.set_failed(&mut tx, &super::file_id(source.id(), f), error, None)
-                .await?;
+            let id = super::file_id(source.id(), f);
+            self.count_attempt(&mut tx, &id).await?;
+            self.set_failed(&mut tx, &id, error, None).await?;
             out.push((f.clone(), Ok(LoadOutcome::Failed(error.clone()))));
         }
         tx.commit().await.map_err(db)?;
@@ -298,6 +312,47 @@ impl RedshiftSink {
         Ok((out, todo))
     }
 
+    /// Counts an attempt at a pending file.
+    async fn count_attempt(&self, tx: &mut Transaction<'static, Postgres>, id: &str) -> Result<(), LoadError> {
+        sqlx::query(AssertSqlSafe(format!(
+            "UPDATE {} SET attempts = attempts + 1, claimed_by = $2, updated_at = $3 WHERE file_id = $1 AND state = 'pending'",
+            self.options.ledger
+        )))
+        .bind(id)
+        .bind(&self.options.owner)
+        .bind(chrono::Utc::now())
+        .execute(&mut **tx)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    /// Of `todo` (counted already), the files still pending; the outcomes of the others.
+    async fn still_pending<'f>(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        source: &Source,
+        todo: Vec<&'f ObjectMeta>,
+    ) -> Result<(BatchOutcome, Vec<&'f ObjectMeta>), LoadError> {
+        let mut out: BatchOutcome = Vec::new();
+        let mut pending = Vec::new();
+        for f in todo {
+            let (state, rows, error): (String, Option<i64>, Option<String>) = sqlx::query_as(AssertSqlSafe(format!(
+                "SELECT state, row_count, error FROM {} WHERE file_id = $1",
+                self.options.ledger
+            )))
+            .bind(super::file_id(source.id(), f))
+            .fetch_one(&mut **tx)
+            .await
+            .map_err(db)?;
+            match outcome_of_state(&state, rows, error) {
+                Some(done) => out.push((f.clone(), Ok(done))),
+                None => pending.push(f),
+            }
+        }
+        Ok((out, pending))
+    }
+
     /// The manifest goes to the bucket before the COPY that reads it; returns it and its key.
     async fn write_manifest(
         &self,
@@ -332,7 +387,7 @@ impl RedshiftSink {
     ) -> Result<(), LoadError> {
         sqlx::query(AssertSqlSafe(format!(
             "UPDATE {} SET state = 'loaded', row_count = $2, target_table = $3, error = NULL,
-             attempts = attempts + 1, claimed_by = $4, loaded_at = $5, updated_at = $5 WHERE file_id = $1",
+             claimed_by = $4, loaded_at = $5, updated_at = $5 WHERE file_id = $1",
             self.options.ledger
         )))
         .bind(id)
@@ -418,7 +473,7 @@ impl RedshiftSink {
         table: Option<&String>,
     ) -> Result<(), LoadError> {
         sqlx::query(AssertSqlSafe(format!(
-            "UPDATE {} SET state = 'failed', error = $2, target_table = $3, attempts = attempts + 1, claimed_by = $4,
+            "UPDATE {} SET state = 'failed', error = $2, target_table = $3, claimed_by = $4,
              updated_at = $5 WHERE file_id = $1",
             self.options.ledger
         )))
