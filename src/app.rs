@@ -102,10 +102,15 @@ impl App {
         let server = match self.listener {
             Some(listener) => {
                 info!(http.listen = %listener.local_addr()?, "serving /healthz /readyz /status /metrics");
+                let readiness = Arc::new(http::Readiness::default());
+                {
+                    let (readiness, source, db) = (readiness.clone(), self.source.clone(), self.db.clone());
+                    let stop = http_stop.clone();
+                    tokio::spawn(async move { readiness.run(&source, &db, stop).await });
+                }
                 let state = AppState {
                     status: self.status.clone(),
-                    source: self.source.clone(),
-                    db: self.db.clone(),
+                    readiness,
                     liveness_window: self.config.schedule.interval * 3 + Duration::from_secs(60),
                     secrets: Arc::new(vec![self.config.database.url.expose_secret().to_string()]),
                     fail_readiness_when_degraded: self.config.health.fail_readiness_when_degraded,

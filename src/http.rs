@@ -1,5 +1,6 @@
 //! The HTTP surface: `/` (a status page for people), `/healthz` (the scheduler loop is alive),
-//! `/readyz` (store and database reachable), `/status` (JSON), `/metrics` (Prometheus text). Nothing here ever shows a secret:
+//! `/readyz` (store and database reachable, as checked in the background every
+//! [`READINESS_INTERVAL`]), `/status` (JSON), `/metrics` (Prometheus text). Nothing here ever shows a secret:
 //! errors shown are the store's and database's messages, scrubbed of the database URL.
 
 use std::sync::Arc;
@@ -16,14 +17,65 @@ use crate::sink::Database;
 use crate::source::Source;
 use crate::status::Status;
 
-/// How long a readiness probe waits for each dependency.
+/// How long a readiness check waits for each dependency.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How often the readiness checks run (one LIST and one query each time), however many probes
+/// come: `/readyz` answers from the latest result.
+pub const READINESS_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The latest readiness checks, run in the background ([`Readiness::run`]).
+#[derive(Default)]
+pub struct Readiness {
+    latest: std::sync::Mutex<Option<Checked>>,
+}
+
+#[derive(Clone)]
+struct Checked {
+    store: Result<(), String>,
+    database: Result<(), String>,
+    at: chrono::DateTime<chrono::Utc>,
+}
+
+impl Readiness {
+    /// Checks the store and the database every [`READINESS_INTERVAL`] until `stop`.
+    pub async fn run(&self, source: &Source, db: &Database, stop: tokio_util::sync::CancellationToken) {
+        let mut ticks = tokio::time::interval(READINESS_INTERVAL);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = ticks.tick() => {}
+            }
+            let (store, database) = tokio::join!(
+                tokio::time::timeout(PROBE_TIMEOUT, source.check()),
+                tokio::time::timeout(PROBE_TIMEOUT, db.ping()),
+            );
+            let checked = Checked {
+                store: match store {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err(format!("no answer within {PROBE_TIMEOUT:?}")),
+                },
+                database: match database {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(e),
+                    Err(_) => Err(format!("no answer within {PROBE_TIMEOUT:?}")),
+                },
+                at: chrono::Utc::now(),
+            };
+            *self.latest.lock().unwrap_or_else(|p| p.into_inner()) = Some(checked);
+        }
+    }
+
+    fn latest(&self) -> Option<Checked> {
+        self.latest.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
 
 #[derive(Clone)]
 pub struct AppState {
     pub status: Arc<Status>,
-    pub source: Arc<Source>,
-    pub db: Arc<Database>,
+    pub readiness: Arc<Readiness>,
     /// `/healthz` fails when the scheduler loop has shown no sign of life for this long.
     pub liveness_window: Duration,
     /// Strings that must never appear in a response (the database URL).
@@ -56,20 +108,6 @@ async fn healthz(State(state): State<AppState>) -> Response {
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
-    let (store, db) = tokio::join!(
-        tokio::time::timeout(PROBE_TIMEOUT, state.source.check()),
-        tokio::time::timeout(PROBE_TIMEOUT, state.db.ping()),
-    );
-    let store = match store {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!("no answer within {PROBE_TIMEOUT:?}")),
-    };
-    let db = match db {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err(format!("no answer within {PROBE_TIMEOUT:?}")),
-    };
     let secrets: Vec<&str> = state.secrets.iter().map(String::as_str).collect();
     let describe = |r: &Result<(), String>| match r {
         Ok(()) => json!({"ok": true}),
@@ -77,12 +115,14 @@ async fn readyz(State(state): State<AppState>) -> Response {
     };
     let freshness = state.status.snapshot().freshness;
     let fresh_enough = !(state.fail_readiness_when_degraded && freshness == crate::status::Freshness::Degraded);
-    let ready = store.is_ok() && db.is_ok() && fresh_enough;
-    let body = json!({
-        "ready": ready,
-        "freshness": freshness,
-        "checks": {"store": describe(&store), "database": describe(&db)},
-    });
+    let (ready, checks) = match state.readiness.latest() {
+        Some(c) => (
+            c.store.is_ok() && c.database.is_ok() && fresh_enough,
+            json!({"store": describe(&c.store), "database": describe(&c.database), "checked_at": c.at}),
+        ),
+        None => (false, json!({"pending": "the first checks have not finished yet"})),
+    };
+    let body = json!({"ready": ready, "freshness": freshness, "checks": checks});
     let code = if ready {
         StatusCode::OK
     } else {

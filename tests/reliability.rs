@@ -69,6 +69,12 @@ async fn wait_copying(db: &PgDb) {
     .await;
 }
 
+/// `/readyz`: its status code and body.
+async fn readyz(loader: &Loader) -> (u16, serde_json::Value) {
+    let r = reqwest::get(loader.url("/readyz")).await.unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
 async fn wait_in_flight(loader: &Loader) {
     wait_until(Duration::from_secs(30), "a load in flight", || async {
         loader.status().await["in_flight"] == 1
@@ -162,9 +168,20 @@ async fn while_postgres_is_unreachable_the_loader_stays_up_reports_not_ready_and
         },
     )
     .await;
-    let ready = reqwest::get(loader.url("/readyz")).await.unwrap();
-    assert_eq!(ready.status(), 503);
-    let body: serde_json::Value = ready.json().await.unwrap();
+    // Readiness is checked in the background: wait for a check that saw the outage.
+    let seen = std::sync::Mutex::new(serde_json::Value::Null);
+    wait_until(
+        Duration::from_secs(20),
+        "a readiness check that saw the database down",
+        || async {
+            let (code, body) = readyz(&loader).await;
+            let saw = code == 503 && body["checks"]["database"]["ok"] == false;
+            *seen.lock().unwrap() = body;
+            saw
+        },
+    )
+    .await;
+    let body = seen.into_inner().unwrap();
     assert_eq!(body["checks"]["database"]["ok"], false, "{body}");
     assert_eq!(body["checks"]["store"]["ok"], true, "{body}");
     assert!(
@@ -192,7 +209,10 @@ async fn while_postgres_is_unreachable_the_loader_stays_up_reports_not_ready_and
         s["totals"]["files_loaded"] == 5 && s["backlog"]["files"] == 0
     })
     .await;
-    assert_eq!(reqwest::get(loader.url("/readyz")).await.unwrap().status(), 200);
+    wait_until(Duration::from_secs(20), "ready again", || async {
+        readyz(&loader).await.0 == 200
+    })
+    .await;
     assert_eq!(db.count("SELECT count(*) FROM orders").await, 500);
     assert_eq!(files_under(&d.join("data/incoming")), Vec::<String>::new());
 }
@@ -219,9 +239,19 @@ async fn while_the_store_fails_the_loader_waits_and_then_loads_everything_once()
             .is_some_and(|r| r.starts_with("listing failed"))
     })
     .await;
-    let ready = reqwest::get(loader.url("/readyz")).await.unwrap();
-    assert_eq!(ready.status(), 503);
-    let body: serde_json::Value = ready.json().await.unwrap();
+    let seen = std::sync::Mutex::new(serde_json::Value::Null);
+    wait_until(
+        Duration::from_secs(20),
+        "a readiness check that saw the store fail",
+        || async {
+            let (code, body) = readyz(&loader).await;
+            let saw = code == 503 && body["checks"]["store"]["ok"] == false;
+            *seen.lock().unwrap() = body;
+            saw
+        },
+    )
+    .await;
+    let body = seen.into_inner().unwrap();
     assert_eq!(body["checks"]["store"]["ok"], false, "{body}");
 
     proxy.set_rules(vec![]);
@@ -503,6 +533,11 @@ async fn no_secret_appears_in_logs_status_metrics_readiness_or_reports() {
     let dir2 = tempfile::tempdir().unwrap();
     let unready = Loader::spawn(dir2.path(), &down);
     unready.wait_up().await;
+    // Its readiness is checked in the background: wait for the check that failed.
+    wait_until(Duration::from_secs(20), "a readiness check that failed", || async {
+        readyz(&unready).await.1["checks"]["database"]["ok"] == false
+    })
+    .await;
     let mut seen = String::new();
     for l in [&loader, &unready] {
         for path in ["/status", "/metrics", "/readyz", "/healthz"] {
@@ -593,4 +628,43 @@ async fn a_file_whose_load_kills_the_loader_every_time_ends_in_failed_and_the_re
         ["orders/good-0.csv", "orders/good-1.csv", "orders/good-2.csv"]
     );
     assert_eq!(db.count("SELECT count(*) FROM orders").await, 30);
+}
+
+/// A flood of readiness probes costs the store and the database nothing extra: `/readyz`
+/// answers from checks that run in the background, one LIST and one query every 5 s.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_readiness_probes_makes_no_extra_store_or_database_calls() {
+    let moto = Moto::start();
+    let proxy = S3Proxy::start(&moto.endpoint).await;
+    Bucket::create(&moto, "probes").await;
+    let db = PgDb::create("probes").await;
+    // One tick at start, the next in an hour: only the readiness checks call the store.
+    let env = s3_env(
+        &moto,
+        &proxy.endpoint,
+        "probes",
+        &db.url,
+        &[("LOADER_SCHEDULE__INTERVAL", "1h")],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let loader = Loader::spawn(dir.path(), &env);
+    loader.wait_up().await;
+    wait_until(Duration::from_secs(20), "ready", || async {
+        readyz(&loader).await.0 == 200
+    })
+    .await;
+    let count = || proxy.requests.load(std::sync::atomic::Ordering::Relaxed);
+    let before = count();
+    let probes: Vec<_> = (0..200)
+        .map(|_| {
+            let url = loader.url("/readyz");
+            tokio::spawn(async move { reqwest::get(url).await.map(|r| r.status().as_u16()) })
+        })
+        .collect();
+    for probe in probes {
+        assert_eq!(probe.await.unwrap().unwrap(), 200);
+    }
+    // At most one more background check may have run meanwhile (one store call each; its
+    // database query comes from the same check, so it is as bounded).
+    assert!(count() - before <= 1, "{} store calls for 200 probes", count() - before);
 }

@@ -67,15 +67,21 @@ impl RedshiftConfig {
     }
 }
 
+/// A valid configuration, for tests.
+#[cfg(test)]
+pub(crate) fn test_config() -> RedshiftConfig {
+    RedshiftConfig {
+        iam_role: "arn:aws:iam::123456789012:role/loader".into(),
+        ..Default::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn config() -> RedshiftConfig {
-        RedshiftConfig {
-            iam_role: "arn:aws:iam::123456789012:role/loader".into(),
-            ..Default::default()
-        }
+        test_config()
     }
 
     #[test]

@@ -184,10 +184,10 @@ impl Database {
 
     pub async fn close(&self) {
         match self {
-            Database::Postgres(s) => s.close().await,
-            Database::MySql(s) => s.close().await,
+            Database::Postgres(s) => s.ledger().pool.close().await,
+            Database::MySql(s) => s.ledger().pool.close().await,
             Database::Redshift(s) => s.close().await,
-            Database::Sqlite(s) => s.close().await,
+            Database::Sqlite(s) => s.ledger().pool.close().await,
         }
     }
 }

@@ -116,10 +116,6 @@ impl MySqlSink {
         Ok(n > 0)
     }
 
-    pub async fn close(&self) {
-        self.pool.close().await
-    }
-
     pub async fn ensure_ledger(&self) -> Result<(), sqlx::Error> {
         let ledger = &self.options.ledger;
         // IF NOT EXISTS is atomic enough here: MySQL DDL takes its own metadata lock.

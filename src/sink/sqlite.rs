@@ -89,10 +89,6 @@ impl SqliteSink {
         Ok(n > 0)
     }
 
-    pub async fn close(&self) {
-        self.pool.close().await
-    }
-
     pub async fn ensure_ledger(&self) -> Result<(), sqlx::Error> {
         let ledger = &self.options.ledger;
         let _writer = self.write_lock.lock().await;

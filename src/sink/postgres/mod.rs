@@ -124,10 +124,6 @@ impl PgSink {
             .await
     }
 
-    pub async fn close(&self) {
-        self.pool.close().await
-    }
-
     pub async fn ensure_ledger(&self) -> Result<(), sqlx::Error> {
         let ledger = &self.options.ledger;
         let index = quote_ident(&format!("{}_key_idx", ledger.trim_matches('"')));

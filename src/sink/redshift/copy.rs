@@ -224,10 +224,7 @@ mod tests {
     use super::*;
 
     fn config() -> RedshiftConfig {
-        RedshiftConfig {
-            iam_role: "arn:aws:iam::123456789012:role/loader".into(),
-            ..Default::default()
-        }
+        crate::config::redshift::test_config()
     }
 
     #[test]
