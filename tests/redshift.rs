@@ -168,12 +168,20 @@ async fn a_batch_whose_copy_kills_the_loader_every_time_ends_in_failed() {
     };
     for kill in 1..=2 {
         let mut loader = Loader::spawn(dir.path(), &env);
-        wait_until(Duration::from_secs(60), "the attempt counted", || async {
-            attempts().await == kill
+        // The batch's manifest is written after its attempts are committed and before its
+        // COPY. (The ledger itself cannot be watched: the COPY's transaction holds LOCK on it.)
+        wait_until(Duration::from_secs(60), "the batch's manifest", || async {
+            bucket.keys("manifests/").await.len() == kill as usize
         })
         .await;
         loader.signal(libc::SIGKILL);
         loader.wait_exit(Duration::from_secs(10)).expect("killed");
+        wait_until(
+            Duration::from_secs(30),
+            "the attempt counted, the COPY rolled back",
+            || async { attempts().await == kill },
+        )
+        .await;
         assert!(bucket.keys("processed/").await.is_empty(), "killed mid-COPY");
     }
     let (status, stdout, stderr) = run(dir.path(), &["once"], &env);
