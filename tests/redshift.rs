@@ -1,7 +1,7 @@
 //! The Redshift flow (manifest, one transaction per batch, COPY by manifest, ledger rows, then
 //! the moves) against PostgreSQL, with `redshift.copy = "postgres-emulation"` standing in for
 //! COPY from S3 (which only Redshift has). The COPY statements themselves are checked by unit
-//! tests in `src/sink/redshift.rs`. No Redshift cluster is involved anywhere.
+//! tests in `src/sink/redshift/copy.rs`. No Redshift cluster is involved anywhere.
 
 mod common;
 
