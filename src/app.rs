@@ -242,6 +242,19 @@ impl App {
 
     /// `retry-failed`: moves files (optionally only under `prefix`) from `failed/` back to
     /// `incoming/` and lets the ledger load them again. Returns how many were moved.
+    /// The key relative to `incoming/` that a file in failed/ came from: its report's `key`,
+    /// else its own name.
+    async fn original_key(&self, obj: &crate::source::ObjectMeta) -> String {
+        let report = self.source.read(&format!("{FAILED}{}.error.json", obj.key)).await;
+        report
+            .ok()
+            .and_then(|body| serde_json::from_slice::<serde_json::Value>(&body).ok())
+            .and_then(|r| r["key"].as_str().map(str::to_string))
+            .and_then(|k| k.strip_prefix(crate::source::INCOMING).map(str::to_string))
+            .filter(|k| !k.is_empty())
+            .unwrap_or_else(|| obj.key.clone())
+    }
+
     pub async fn retry_failed(&self, prefix: Option<&str>) -> anyhow::Result<u64> {
         self.db.ensure_ledger().await?;
         let mut moved = 0;
@@ -249,12 +262,27 @@ impl App {
             if obj.key.ends_with(".error.json") || !prefix.is_none_or(|p| obj.key.starts_with(p)) {
                 continue;
             }
+            // The key it came from, as its report says: a file stored as `K.<tag>` (its key in
+            // failed/ was taken by another version) goes back as `K`, so its format is known.
+            let original = self.original_key(&obj).await;
             // Ledger first: a file back in incoming/ must not be taken for an already-failed one.
-            self.db.reset_failed(self.source.id(), &obj.key).await?;
-            if let crate::source::MoveOutcome::Moved { .. } = self.source.move_back(&obj).await? {
-                self.source.delete(&format!("{FAILED}{}.error.json", obj.key)).await?;
-                moved += 1;
-                info!(key = %obj.key, "moved back to incoming/");
+            self.db.reset_failed(self.source.id(), &original).await?;
+            let outcome = if original == obj.key {
+                Some(self.source.move_back(&obj).await?)
+            } else {
+                self.source.move_back_as(&obj, &original).await?
+            };
+            match outcome {
+                Some(crate::source::MoveOutcome::Moved { .. }) => {
+                    self.source.delete(&format!("{FAILED}{}.error.json", obj.key)).await?;
+                    moved += 1;
+                    info!(key = %original, "moved back to incoming/");
+                }
+                Some(_) => {}
+                None => tracing::warn!(
+                    key = %obj.key,
+                    "not moved back: incoming/{original} holds another version; retry once it is loaded"
+                ),
             }
         }
         Ok(moved)

@@ -209,6 +209,45 @@ async fn retry_failed_moves_files_back_and_they_load_once_fixed_conditions_allow
     assert_eq!(count(&sqlite(d).await, "SELECT count(*) FROM orders").await, 4);
 }
 
+/// A failed file stored as `K.<tag>` (its key in failed/ was taken by another version) goes
+/// back to `incoming/K` on `retry-failed`, as its report says, so it is read as what it is.
+#[tokio::test(flavor = "multi_thread")]
+async fn retry_failed_restores_the_original_key_of_a_file_stored_under_a_tag() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let off = kv(&[("LOADER_DATABASE__CREATE_TABLES", "false")]);
+    write_old(&d.join("data/incoming/orders/a.csv"), orders_csv(1, 4).as_bytes());
+    assert_eq!(run(d, &["once"], &off).0.code(), Some(1));
+    // A second version of the same key fails too: failed/orders/a.csv is taken.
+    write_old(&d.join("data/incoming/orders/a.csv"), orders_csv(10, 7).as_bytes());
+    assert_eq!(run(d, &["once"], &off).0.code(), Some(1));
+    let failed = files_under(&d.join("data/failed"));
+    let tagged: Vec<&String> = failed
+        .iter()
+        .filter(|f| f.starts_with("orders/a.csv.") && !f.ends_with(".error.json"))
+        .collect();
+    assert_eq!(tagged.len(), 1, "{failed:?}");
+    // The operator gives up on the first version and retries the second.
+    std::fs::remove_file(d.join("data/failed/orders/a.csv")).unwrap();
+    std::fs::remove_file(d.join("data/failed/orders/a.csv.error.json")).unwrap();
+    let (status, stdout, stderr) = run(d, &["retry-failed"], &[]);
+    assert!(
+        status.success() && stdout.contains("moved 1 file(s)"),
+        "{stdout}{stderr}"
+    );
+    assert_eq!(files_under(&d.join("data/incoming")), vec!["orders/a.csv".to_string()]);
+    assert_eq!(files_under(&d.join("data/failed")), Vec::<String>::new());
+    let (status, stdout, stderr) = run(d, &["once"], &[]);
+    assert!(
+        status.success() && stdout.contains("loaded 1 (7 rows)"),
+        "{stdout}{stderr}"
+    );
+    assert_eq!(
+        count(&sqlite(d).await, "SELECT count(*) FROM orders WHERE id >= 10").await,
+        7
+    );
+}
+
 /// On the embedded default too: a file whose load kills the loader every time counts an
 /// attempt each time (committed before its rows), and after `retry.max_attempts` it goes to
 /// failed/ as `crashed_loader` instead of stopping the pipeline.

@@ -175,6 +175,12 @@ impl Source {
         self.move_between(FAILED, INCOMING, obj).await
     }
 
+    /// Moves `failed/K.<tag>` (a file stored under its alternative name) back to exactly
+    /// `incoming/name`, its original key; `None` when that name holds another version.
+    pub async fn move_back_as(&self, obj: &ObjectMeta, name: &str) -> Result<Option<MoveOutcome>, SourceError> {
+        self.move_named(FAILED, INCOMING, obj, name).await
+    }
+
     async fn move_between(&self, from: &str, to: &str, obj: &ObjectMeta) -> Result<MoveOutcome, SourceError> {
         for name in [obj.key.clone(), alternative_name(obj)] {
             if let Some(outcome) = self.move_named(from, to, obj, &name).await? {
