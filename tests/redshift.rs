@@ -195,3 +195,36 @@ async fn a_batch_whose_copy_kills_the_loader_every_time_ends_in_failed() {
         1
     );
 }
+
+/// A batch whose file cannot be read (every GET answers 500) still counts its attempts, which
+/// are committed before anything is read, so the file ends in failed/ as `retries_exhausted`
+/// with every attempt's error, instead of being retried forever.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_whose_file_cannot_be_read_ends_in_failed_after_max_attempts() {
+    let moto = Moto::start();
+    let proxy = S3Proxy::start(&moto.endpoint).await;
+    let bucket = Bucket::create(&moto, "warehouse-poison").await;
+    let db = PgDb::create("redshift_poison").await;
+    bucket.put("incoming/orders/poison.csv", orders_csv(1, 10)).await;
+    proxy.set_rules(vec![Rule {
+        method: Some("GET"),
+        path_contains: "incoming/orders/poison.csv".into(),
+        fault: Fault::Status(500),
+        rate: 1.0,
+    }]);
+    let mut env = env(moto.env(), &proxy.endpoint, "warehouse-poison", &db);
+    env.extend(kv(&[("LOADER_RETRY__MAX_ATTEMPTS", "3")]));
+    let dir = tempfile::tempdir().unwrap();
+    let loader = Loader::spawn(dir.path(), &env);
+    loader.wait_up().await;
+    wait_until(Duration::from_secs(120), "the file failed", || async {
+        loader.status().await["totals"]["files_failed"] == 1
+    })
+    .await;
+    let report: serde_json::Value =
+        serde_json::from_slice(&bucket.get("failed/orders/poison.csv.error.json").await).unwrap();
+    assert_eq!(report["error"]["kind"], "retries_exhausted", "{report}");
+    let history = report["error"]["history"].as_array().unwrap();
+    assert_eq!(history.len(), 3, "{report}");
+    assert!(history.iter().all(|a| a["stage"] == "get"), "{report}");
+}

@@ -136,12 +136,11 @@ impl RedshiftSink {
             Ok(t) => t.clone(),
             Err(e) => return self.fail_all(source, &batch.files, e).await,
         };
-        // The columns and a sample from the first file (one route, one format: one header).
-        let (columns, fixed, sample) = read_header(source, &batch.files[0], &batch.spec).await?;
         let mut tx = self.lock().await?;
         let (mut out, todo) = self.pending(&mut tx, source, &batch.files, &table).await?;
-        // The attempts count now, committed before the COPY (as for every database): a load
-        // that kills the process still counts, and ends in failed/ as `crashed_loader`.
+        // The attempts count now, committed before anything is read (as for every database):
+        // a load that fails to read, or kills the process, still counts, so such files end in
+        // failed/ after retry.max_attempts.
         for f in &todo {
             self.count_attempt(&mut tx, &super::file_id(source.id(), f)).await?;
         }
@@ -149,6 +148,9 @@ impl RedshiftSink {
         if todo.is_empty() {
             return Ok(out);
         }
+        // The columns and a sample from the first file to load (one route, one format: one
+        // header), read outside the ledger's lock.
+        let (columns, fixed, sample) = read_header(source, todo[0], &batch.spec).await?;
         let mut tx = self.lock().await?;
         // Between the two transactions another replica may have loaded some of them.
         let (settled, todo) = self.still_pending(&mut tx, source, todo).await?;
