@@ -99,9 +99,10 @@ impl Worker {
             return outcomes;
         };
         let started = std::time::Instant::now();
+        let order: Vec<String> = batch.files.iter().map(|f| f.key.clone()).collect();
         let span = tracing::info_span!("batch", files = batch.files.len(), db.table = ?batch.spec.table.as_ref().ok());
         let results = sink.load_batch(&self.source, batch).instrument(span).await;
-        let mut outcomes = Vec::with_capacity(results.len());
+        let mut by_key = std::collections::HashMap::with_capacity(results.len());
         for (obj, result) in results {
             let span = tracing::info_span!("file", s3.key = %self.source.location(INCOMING, &obj.key));
             let outcome = match result {
@@ -109,9 +110,14 @@ impl Worker {
                 Err(e) => settle(Err(e)),
             };
             self.record(&obj, &outcome, started).instrument(span).await;
-            outcomes.push(outcome);
+            by_key.insert(obj.key, outcome);
         }
-        outcomes
+        // In the batch's order (the sink settles files in its own): the scheduler pairs each
+        // outcome with its file for the backoff.
+        order
+            .iter()
+            .map(|key| by_key.remove(key).unwrap_or(FileOutcome::NotStarted))
+            .collect()
     }
 
     /// The load of `objs` panicked: each gets a transient outcome with the panic's message, in
