@@ -174,13 +174,38 @@ impl MySqlSink {
             .collect::<Vec<_>>();
         Ok(((!columns.is_empty()).then_some(columns), scales))
     }
+}
 
-    async fn insert_rows(
+impl FileSink for MySqlSink {
+    type Db = MySql;
+    type Claim = MySqlClaim;
+
+    /// The file's named lock, tried without waiting, on the connection the load will use.
+    async fn claim(&self, id: &str) -> Result<Option<MySqlClaim>, sqlx::Error> {
+        let mut conn = self.pool.acquire().await?;
+        let name = lock_name(id);
+        let got: Option<i64> = sqlx::query_scalar("SELECT CAST(GET_LOCK(?, 0) AS SIGNED)")
+            .bind(&name)
+            .fetch_one(&mut *conn)
+            .await?;
+        Ok((got == Some(1)).then(|| MySqlClaim { conn: Some(conn), name }))
+    }
+
+    async fn begin<'c>(&'c self, claim: &'c mut MySqlClaim) -> Result<Transaction<'c, MySql>, sqlx::Error> {
+        match claim.conn.as_mut() {
+            Some(conn) => sqlx::Connection::begin(&mut **conn).await,
+            None => Err(sqlx::Error::Protocol("the claim was released already".into())),
+        }
+    }
+
+    async fn write_rows(
         &self,
         conn: &mut MySqlConnection,
         file: FileRef<'_>,
         spec: &LoadSpec,
         reader: &FileReader<'_>,
+        // DDL commits implicitly in MySQL, outside the load: nothing is widened here.
+        _new_columns: &mut Vec<(String, ColumnType)>,
     ) -> Result<u64, LoadError> {
         let db = |e| db_error(e, Stage::Database);
         let table = spec.table.clone()?;
@@ -308,41 +333,6 @@ impl MySqlSink {
                 Ok(query)
             })
             .await
-    }
-}
-
-impl FileSink for MySqlSink {
-    type Db = MySql;
-    type Claim = MySqlClaim;
-
-    /// The file's named lock, tried without waiting, on the connection the load will use.
-    async fn claim(&self, id: &str) -> Result<Option<MySqlClaim>, sqlx::Error> {
-        let mut conn = self.pool.acquire().await?;
-        let name = lock_name(id);
-        let got: Option<i64> = sqlx::query_scalar("SELECT CAST(GET_LOCK(?, 0) AS SIGNED)")
-            .bind(&name)
-            .fetch_one(&mut *conn)
-            .await?;
-        Ok((got == Some(1)).then(|| MySqlClaim { conn: Some(conn), name }))
-    }
-
-    async fn begin<'c>(&'c self, claim: &'c mut MySqlClaim) -> Result<Transaction<'c, MySql>, sqlx::Error> {
-        match claim.conn.as_mut() {
-            Some(conn) => sqlx::Connection::begin(&mut **conn).await,
-            None => Err(sqlx::Error::Protocol("the claim was released already".into())),
-        }
-    }
-
-    async fn write_rows(
-        &self,
-        conn: &mut MySqlConnection,
-        file: FileRef<'_>,
-        spec: &LoadSpec,
-        reader: &FileReader<'_>,
-        // DDL commits implicitly in MySQL, outside the load: nothing is widened here.
-        _new_columns: &mut Vec<(String, ColumnType)>,
-    ) -> Result<u64, LoadError> {
-        self.insert_rows(conn, file, spec, reader).await
     }
 
     /// After the transaction ended (a rollback still pending runs first, on the same connection).

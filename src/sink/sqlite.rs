@@ -151,23 +151,6 @@ impl FileSink for SqliteSink {
         reader: &FileReader<'_>,
         new_columns: &mut Vec<(String, ColumnType)>,
     ) -> Result<u64, LoadError> {
-        self.insert_rows(conn, file, spec, reader, new_columns).await
-    }
-
-    async fn release(&self, claim: Self::Claim, _id: &str) {
-        drop(claim);
-    }
-}
-
-impl SqliteSink {
-    async fn insert_rows(
-        &self,
-        conn: &mut SqliteConnection,
-        file: FileRef<'_>,
-        spec: &LoadSpec,
-        reader: &FileReader<'_>,
-        new_columns: &mut Vec<(String, ColumnType)>,
-    ) -> Result<u64, LoadError> {
         let db = |e| db_error(e, Stage::Database);
         let table = spec.table.clone()?;
         let Some(mut opened) = open_rows(reader).await? else {
@@ -269,6 +252,10 @@ impl SqliteSink {
                 Ok(query)
             })
             .await
+    }
+
+    async fn release(&self, claim: Self::Claim, _id: &str) {
+        drop(claim);
     }
 }
 
