@@ -4,7 +4,6 @@
 //! call. The call runs in its own task under `cloudwatch.timeout`: a slow or failing CloudWatch
 //! never slows loading; failures are logged and counted in `/metrics`.
 
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -15,7 +14,6 @@ use aws_sdk_cloudwatch::types::{Dimension, MetricDatum, StandardUnit, StatisticS
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
-use crate::metrics::Metrics;
 use crate::status::Status;
 
 pub struct Publisher {
@@ -72,14 +70,14 @@ impl Publisher {
                 .send();
             match tokio::time::timeout(this.timeout, call).await {
                 Ok(Ok(_)) => {
-                    metrics.cloudwatch_published.fetch_add(1, Ordering::Relaxed);
+                    metrics.cloudwatch_published.inc();
                 }
                 Ok(Err(e)) => {
-                    metrics.cloudwatch_failed.fetch_add(1, Ordering::Relaxed);
+                    metrics.cloudwatch_failed.inc();
                     tracing::warn!(error.message = %DisplayErrorContext(&e), "publishing CloudWatch metrics failed");
                 }
                 Err(_) => {
-                    metrics.cloudwatch_failed.fetch_add(1, Ordering::Relaxed);
+                    metrics.cloudwatch_failed.inc();
                     tracing::warn!(
                         timeout_s = this.timeout.as_secs_f64(),
                         "publishing CloudWatch metrics timed out"
@@ -92,11 +90,7 @@ impl Publisher {
     fn datapoints(&self) -> Vec<MetricDatum> {
         let s = self.status.snapshot();
         let m = &self.status.metrics;
-        let now = [
-            Metrics::get(&m.files_loaded),
-            Metrics::get(&m.rows_loaded),
-            Metrics::get(&m.files_failed),
-        ];
+        let now = [m.files_loaded.get(), m.rows_loaded.get(), m.files_failed.get()];
         let delta = {
             let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
             let d = [0, 1, 2].map(|i| now[i].saturating_sub(last[i]));

@@ -8,11 +8,12 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
 use serde_json::json;
 
+use crate::metrics::Exposition;
 use crate::sink::Database;
 use crate::source::Source;
 use crate::status::Status;
@@ -140,10 +141,13 @@ async fn status(State(state): State<AppState>) -> Response {
     Json(state.status.snapshot()).into_response()
 }
 
-async fn metrics(State(state): State<AppState>) -> Response {
+/// Prometheus text 0.0.4, or OpenMetrics when the scraper's `Accept` asks for it.
+async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let format = Exposition::from_accept(accept);
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-        state.status.prometheus(),
+        [(header::CONTENT_TYPE, format.content_type())],
+        state.status.prometheus(format),
     )
         .into_response()
 }

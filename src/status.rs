@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::error::FileError;
-use crate::metrics::{Gauges, Metrics};
+use crate::metrics::{Exposition, Gauges, Metrics};
 use crate::source::ObjectMeta;
 
 /// How many recent failures and ticks are kept.
@@ -188,7 +188,7 @@ impl Status {
     pub fn record_listing(&self, listing: &[ObjectMeta], list_calls: u64, took: Duration) {
         self.metrics.observe_list(took, list_calls);
         let now = Utc::now();
-        let loaded = Metrics::get(&self.metrics.files_loaded);
+        let loaded = self.metrics.files_loaded.get();
         let mut inner = self.inner();
         inner.backlog = listing
             .iter()
@@ -207,12 +207,7 @@ impl Status {
     }
 
     pub fn record_tick(&self, tick: TickReport) {
-        let counter = if tick.result.is_ok() {
-            &self.metrics.ticks_ok
-        } else {
-            &self.metrics.ticks_failed
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+        self.metrics.tick(tick.result.is_ok());
         let mut inner = self.inner();
         if inner.ticks.len() == RECENT_TICKS {
             inner.ticks.pop_back();
@@ -233,18 +228,18 @@ impl Status {
     pub fn file_loaded(&self, key: &str, rows: u64, bytes: u64, now: bool, took: Duration) {
         let m = &self.metrics;
         if now {
-            m.files_loaded.fetch_add(1, Ordering::Relaxed);
-            m.rows_loaded.fetch_add(rows, Ordering::Relaxed);
-            m.bytes_loaded.fetch_add(bytes, Ordering::Relaxed);
+            m.files_loaded.inc();
+            m.rows_loaded.inc_by(rows);
+            m.bytes_loaded.inc_by(bytes);
         } else {
-            m.files_already_loaded.fetch_add(1, Ordering::Relaxed);
+            m.files_already_loaded.inc();
         }
         m.observe_load(took);
         self.inner().backlog.remove(key);
     }
 
     pub fn file_failed(&self, key: &str, error: &FileError, stage: &'static str, took: Duration) {
-        self.metrics.files_failed.fetch_add(1, Ordering::Relaxed);
+        self.metrics.files_failed.inc();
         self.metrics.error(error.kind.as_str(), stage);
         self.metrics.observe_load(took);
         let mut inner = self.inner();
@@ -260,7 +255,7 @@ impl Status {
     }
 
     pub fn transient_error(&self, stage: &'static str) {
-        self.metrics.retries.fetch_add(1, Ordering::Relaxed);
+        self.metrics.retries.inc();
         self.metrics.error("transient", stage);
     }
 
@@ -292,14 +287,14 @@ impl Status {
             freshness: if degraded { Freshness::Degraded } else { Freshness::Ok },
             in_flight: inner.in_flight,
             totals: Totals {
-                files_loaded: Metrics::get(&m.files_loaded),
-                rows_loaded: Metrics::get(&m.rows_loaded),
-                bytes_loaded: Metrics::get(&m.bytes_loaded),
-                files_failed: Metrics::get(&m.files_failed),
-                files_already_loaded: Metrics::get(&m.files_already_loaded),
-                transient_errors: Metrics::get(&m.retries),
-                ticks: Metrics::get(&m.ticks_ok) + Metrics::get(&m.ticks_failed),
-                list_calls: Metrics::get(&m.list_calls),
+                files_loaded: m.files_loaded.get(),
+                rows_loaded: m.rows_loaded.get(),
+                bytes_loaded: m.bytes_loaded.get(),
+                files_failed: m.files_failed.get(),
+                files_already_loaded: m.files_already_loaded.get(),
+                transient_errors: m.retries.get(),
+                ticks: m.ticks(),
+                list_calls: m.list_calls.get(),
             },
             last_tick: inner.ticks.front().cloned(),
             recent_ticks: inner.ticks.iter().cloned().collect(),
@@ -307,15 +302,18 @@ impl Status {
         }
     }
 
-    /// Prometheus text: the counters and histograms, and the gauges as of now.
-    pub fn prometheus(&self) -> String {
+    /// `/metrics`: the counters and histograms, and the gauges as of now.
+    pub fn prometheus(&self, format: Exposition) -> String {
         let s = self.snapshot();
-        self.metrics.render(&Gauges {
-            backlog_files: s.backlog.files,
-            backlog_bytes: s.backlog.bytes,
-            oldest_age_seconds: s.backlog.oldest_age_seconds.unwrap_or(0.0),
-            in_flight: s.in_flight,
-            degraded: s.freshness == Freshness::Degraded,
-        })
+        self.metrics.render(
+            &Gauges {
+                backlog_files: s.backlog.files,
+                backlog_bytes: s.backlog.bytes,
+                oldest_age_seconds: s.backlog.oldest_age_seconds.unwrap_or(0.0),
+                in_flight: s.in_flight,
+                degraded: s.freshness == Freshness::Degraded,
+            },
+            format,
+        )
     }
 }

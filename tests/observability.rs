@@ -179,40 +179,57 @@ async fn metrics_pass_a_real_prometheus_parser_with_the_expected_values() {
         s["totals"]["files_loaded"] == 1 && s["totals"]["files_failed"] == 1
     })
     .await;
-    let text = reqwest::get(loader.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let parsed = python(
-        r#"
+    // The Prometheus text format by default, OpenMetrics when asked for: each read by the
+    // Prometheus Python client's own parser for that format (the OpenMetrics one is strict:
+    // `# EOF`, counter names, sample order).
+    let client = reqwest::Client::new();
+    for (accept, parser, content_type) in [
+        (None, "prometheus_client.parser", "text/plain; version=0.0.4"),
+        (
+            Some("application/openmetrics-text; version=1.0.0"),
+            "prometheus_client.openmetrics.parser",
+            "application/openmetrics-text; version=1.0.0",
+        ),
+    ] {
+        let mut request = client.get(loader.url("/metrics"));
+        if let Some(accept) = accept {
+            request = request.header("accept", accept);
+        }
+        let response = request.send().await.unwrap();
+        let served = response.headers()["content-type"].to_str().unwrap().to_string();
+        assert!(served.starts_with(content_type), "{served}");
+        let text = response.text().await.unwrap();
+        let parsed = python(
+            &format!(
+                r#"
 import json, sys
-from prometheus_client.parser import text_string_to_metric_families
-out = {}
-for family in text_string_to_metric_families(sys.stdin.read() if False else sys.argv[1]):
+from {parser} import text_string_to_metric_families
+out = {{}}
+for family in text_string_to_metric_families(sys.argv[1]):
     for s in family.samples:
-        labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
-        out[s.name + ("{" + labels + "}" if labels else "")] = s.value
+        labels = ",".join(f"{{k}}={{v}}" for k, v in sorted(s.labels.items()))
+        out[s.name + ("{{" + labels + "}}" if labels else "")] = s.value
     out["type:" + family.name] = family.type
 print(json.dumps(out))
-"#,
-        &[&text],
-    );
-    let m: serde_json::Value = serde_json::from_str(&parsed).unwrap();
-    assert_eq!(m["s3_sql_loader_files_loaded_total"], 1.0, "{m}");
-    assert_eq!(m["s3_sql_loader_rows_loaded_total"], 40.0);
-    assert_eq!(m["s3_sql_loader_files_failed_total"], 1.0);
-    assert_eq!(m["s3_sql_loader_errors_total{kind=decode,stage=decode}"], 1.0, "{m}");
-    assert_eq!(m["s3_sql_loader_backlog_files"], 0.0);
-    assert_eq!(m["s3_sql_loader_load_duration_seconds_count"], 2.0);
-    assert_eq!(m["s3_sql_loader_load_duration_seconds_bucket{le=+Inf}"], 2.0);
-    assert!(m["s3_sql_loader_list_calls_total"].as_f64().unwrap() >= 1.0);
-    assert!(m["s3_sql_loader_ticks_total{result=ok}"].as_f64().unwrap() >= 1.0);
-    assert_eq!(m["type:s3_sql_loader_load_duration_seconds"], "histogram");
-    assert_eq!(m["type:s3_sql_loader_files_loaded"], "counter");
-    assert_eq!(m["type:s3_sql_loader_backlog_oldest_age_seconds"], "gauge");
-    assert_eq!(m["s3_sql_loader_build_info{version=0.1.0}"], 1.0);
+"#
+            ),
+            &[&text],
+        );
+        let m: serde_json::Value = serde_json::from_str(&parsed).unwrap();
+        assert_eq!(m["s3_sql_loader_files_loaded_total"], 1.0, "{parser}: {m}");
+        assert_eq!(m["s3_sql_loader_rows_loaded_total"], 40.0);
+        assert_eq!(m["s3_sql_loader_files_failed_total"], 1.0);
+        assert_eq!(m["s3_sql_loader_errors_total{kind=decode,stage=decode}"], 1.0, "{m}");
+        assert_eq!(m["s3_sql_loader_backlog_files"], 0.0);
+        assert_eq!(m["s3_sql_loader_load_duration_seconds_count"], 2.0);
+        assert_eq!(m["s3_sql_loader_load_duration_seconds_bucket{le=+Inf}"], 2.0);
+        assert!(m["s3_sql_loader_list_calls_total"].as_f64().unwrap() >= 1.0);
+        assert!(m["s3_sql_loader_ticks_total{result=ok}"].as_f64().unwrap() >= 1.0);
+        assert_eq!(m["type:s3_sql_loader_load_duration_seconds"], "histogram");
+        assert_eq!(m["type:s3_sql_loader_files_loaded"], "counter");
+        assert_eq!(m["type:s3_sql_loader_backlog_oldest_age_seconds"], "gauge");
+        assert_eq!(m["s3_sql_loader_build_info{version=0.1.0}"], 1.0, "{parser}: {m}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
