@@ -258,7 +258,7 @@ impl App {
     pub async fn retry_failed(&self, prefix: Option<&str>) -> anyhow::Result<u64> {
         self.db.ensure_ledger().await?;
         let mut moved = 0;
-        for obj in self.source.list_failed().await? {
+        for obj in self.source.list_failed_versions().await? {
             if obj.key.ends_with(".error.json") || !prefix.is_none_or(|p| obj.key.starts_with(p)) {
                 continue;
             }

@@ -4,7 +4,8 @@
 //! The path of a file through the modules:
 //!
 //! - [`scheduler`] ticks every `schedule.interval`: [`source`] lists `incoming/`, [`status`]
-//!   records the backlog, and up to `schedule.max_files_per_tick` files go to worker tasks.
+//!   records the backlog, and up to `schedule.max_files_per_tick` files go to worker tasks, each
+//!   with its version (the S3 ETag; for a local folder, [`source::local`] hashes the content).
 //! - [`worker`] waits for a permit and the rate limiter, then asks [`sink`] to load the file.
 //!   For every database that loads file by file, [`sink::protocol`] is the one exactly-once
 //!   protocol (claim, count the attempt, write the rows under a savepoint, mark the ledger,
@@ -20,7 +21,7 @@
 //! - [`config`] reads and checks the settings (with [`config::routes`] and
 //!   [`config::redshift`]); [`routes`] resolves each key to its table and format; [`schema`] holds
 //!   the column types and the one rule of what each accepts.
-//! - [`http`] serves health, readiness, status and metrics from [`status`]; [`shutdown`] turns
+//! - [`http`] serves health, readiness, status and [`metrics`] from [`status`]; [`shutdown`] turns
 //!   SIGTERM into a drain; [`app`] wires it all from a [`config::Config`].
 //!
 //! Errors are classified at the leaves ([`error::LoadError`]): transient ones leave the file in

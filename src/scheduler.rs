@@ -182,7 +182,7 @@ impl Scheduler {
             }
             self.ledger_ready.store(true, Ordering::Relaxed);
         }
-        let picked = self.pick(listing);
+        let picked = self.worker.source.identify(self.pick(listing)).await;
         if !picked.is_empty() {
             info!(listed, picked = picked.len(), "dispatching files");
         }

@@ -297,3 +297,99 @@ async fn a_file_whose_load_kills_the_loader_every_time_ends_in_failed_as_crashed
         serde_json::from_slice(&std::fs::read(d.join("data/failed/orders/big.csv.error.json")).unwrap()).unwrap();
     assert_eq!(report["error"]["kind"], "crashed_loader", "{report}");
 }
+
+/// Writes `path` in place (same inode when it exists) and sets its mtime to 2020-01-01, as a
+/// producer using `cp -p` or `rsync -t` does.
+fn write_dated(path: &std::path::Path, contents: &[u8]) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, contents).unwrap();
+    let dated = std::time::UNIX_EPOCH + Duration::from_secs(1_577_836_800);
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_modified(dated)
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rewrite_with_the_same_size_and_mtime_is_a_new_version_and_is_loaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let file = d.join("data/incoming/t/a.csv");
+    write_dated(&file, b"id\n1\n");
+    let (status, stdout, stderr) = run(d, &["once"], &[]);
+    assert!(status.success(), "{stdout}{stderr}");
+    // The same key again: same size, same mtime, other content.
+    write_dated(&file, b"id\n2\n");
+    let (status, stdout, stderr) = run(d, &["once"], &[]);
+    assert!(status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("loaded 1 (1 rows)"), "{stdout}");
+
+    // And rewritten in place after its commit but before its move (the process stopped in
+    // between): the new bytes are loaded, not taken for the committed ones.
+    write_dated(&file, b"id\n3\n");
+    std::fs::rename(d.join("data/processed/t"), d.join("data/processed/t.saved")).unwrap();
+    write_old(&d.join("data/processed/t"), b"a file where the move needs a folder");
+    let (status, stdout, _) = run(d, &["once"], &[]);
+    assert_eq!(status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("to retry 1"), "{stdout}");
+    write_dated(&file, b"id\n4\n");
+    std::fs::remove_file(d.join("data/processed/t")).unwrap();
+    std::fs::rename(d.join("data/processed/t.saved"), d.join("data/processed/t")).unwrap();
+    let (status, stdout, stderr) = run(d, &["once"], &[]);
+    assert!(status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("loaded 1 (1 rows)"), "{stdout}");
+
+    let db = sqlite(d).await;
+    let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM t ORDER BY id")
+        .fetch_all(&db)
+        .await
+        .unwrap();
+    assert_eq!(ids, [1, 2, 3, 4], "every version loaded once");
+    assert_eq!(files_under(&d.join("data/incoming")), Vec::<String>::new());
+    // Versions 1, 2 and 4 (version 3's bytes were overwritten before its move).
+    let processed = files_under(&d.join("data/processed"));
+    assert_eq!(processed.len(), 3, "{processed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn processed_and_failed_on_another_file_system_receive_files_by_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let other = tempfile::tempdir_in("/dev/shm").expect("/dev/shm is needed for this test");
+    {
+        use std::os::unix::fs::MetadataExt;
+        assert_ne!(
+            std::fs::metadata(other.path()).unwrap().dev(),
+            std::fs::metadata(d).unwrap().dev(),
+            "/dev/shm must be another file system than the temporary folder"
+        );
+    }
+    std::fs::create_dir_all(d.join("data")).unwrap();
+    std::fs::create_dir_all(other.path().join("processed")).unwrap();
+    std::fs::create_dir_all(other.path().join("failed")).unwrap();
+    std::os::unix::fs::symlink(other.path().join("processed"), d.join("data/processed")).unwrap();
+    std::os::unix::fs::symlink(other.path().join("failed"), d.join("data/failed")).unwrap();
+    let good = orders_csv(1, 30);
+    write_old(&d.join("data/incoming/orders/good.csv"), good.as_bytes());
+    write_old(&d.join("data/incoming/rejects/bad.csv"), b"id,amount\n1,2,3\n");
+    let (status, stdout, stderr) = run(d, &["once"], &[]);
+    assert_eq!(status.code(), Some(1), "one file failed\n{stdout}{stderr}");
+    assert!(
+        stdout.contains("loaded 1 (30 rows)") && stdout.contains("failed 1"),
+        "{stdout}{stderr}"
+    );
+    assert_eq!(files_under(&d.join("data/incoming")), Vec::<String>::new());
+    assert_eq!(
+        std::fs::read_to_string(other.path().join("processed/orders/good.csv")).unwrap(),
+        good
+    );
+    assert_eq!(
+        files_under(&other.path().join("failed")),
+        ["rejects/bad.csv", "rejects/bad.csv.error.json"]
+    );
+    assert_eq!(files_under(&other.path().join("processed")), ["orders/good.csv"]);
+    let db = sqlite(d).await;
+    assert_eq!(count(&db, "SELECT count(*) FROM orders").await, 30);
+}

@@ -1,20 +1,37 @@
-//! A local folder as the store (the embedded default). A move is a rename. Files that look like
-//! they are still being written (hidden or temp names, modified within `source.settle_time`) are
-//! not listed. Nothing outside the root is ever read or written: keys are joined component by
-//! component, `..` and absolute components are refused, and symbolic links are not followed.
+//! A local folder as the store (the embedded default). Files that look like they are still
+//! being written (hidden or temp names, modified within `source.settle_time`) are not listed.
+//! Nothing outside the root is ever read or written: keys are joined component by component,
+//! `..` and absolute components are refused, and symbolic links are neither listed nor opened
+//! (`O_NOFOLLOW`, and the opened file must be the listed one: same device and inode).
+//!
+//! A file's version is its content: the xxh3-128 hash of its bytes ([`LocalSource::identify`],
+//! cached per device, inode, size, mtime and ctime, so an unchanged file is hashed once). A
+//! producer that rewrites a file with the same size and mtime (`cp -p`, `rsync -t`) makes a new
+//! version. A load reads exactly the listed length and fails (to be retried) when the file
+//! changed while it was read. A move is a hard link then an unlink; across filesystems, or where
+//! links are refused, a copy (fsync'd) under a temporary name, linked or renamed into place
+//! without replacing anything, then the unlink.
 
+mod version;
+
+use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use chrono::{DateTime, Utc};
 
+use self::version::{
+    StatKey, Verified, Versions, copy_verified, etag_of, is_not_a_file, links_unavailable, open_nofollow,
+};
 use super::{FAILED, INCOMING, MoveAs, ObjectMeta, Opened, PROCESSED, SourceError};
 
 pub struct LocalSource {
     root: PathBuf,
     id: String,
     settle_time: Duration,
+    versions: Arc<Versions>,
 }
 
 /// Names producers use while a file is still being written.
@@ -38,6 +55,7 @@ impl LocalSource {
             id: format!("file://{}", root.display()),
             root,
             settle_time,
+            versions: Arc::default(),
         })
     }
 
@@ -79,64 +97,202 @@ impl LocalSource {
         Ok((found, 1))
     }
 
+    /// The listed files with their content versions (see the module's doc). A file that is
+    /// gone, or is no longer a regular file, is left out; one that cannot be read keeps a
+    /// version made of its metadata, so that reading it fails with the reason and it goes to
+    /// failed/ with a report.
+    pub async fn identify(&self, prefix: &str, objs: Vec<ObjectMeta>) -> Vec<ObjectMeta> {
+        let paths: Vec<Result<PathBuf, SourceError>> = objs.iter().map(|o| self.path(prefix, &o.key)).collect();
+        let versions = self.versions.clone();
+        let identified = tokio::task::spawn_blocking(move || {
+            objs.into_iter()
+                .zip(paths)
+                .filter_map(|(mut obj, path)| {
+                    let Ok(path) = path else { return Some(obj) };
+                    match versions.at(&path) {
+                        Ok(Some((key, version))) => {
+                            obj.etag = version;
+                            obj.size = key.size;
+                            Some(obj)
+                        }
+                        Ok(None) => None,
+                        Err(e) => {
+                            tracing::debug!(path = %path.display(), error.message = %e, "cannot read to identify");
+                            Some(obj)
+                        }
+                    }
+                })
+                .collect::<Vec<_>>()
+        })
+        .await;
+        identified.unwrap_or_default()
+    }
+
+    /// Streams exactly the listed bytes of `incoming/K` if it still is the listed version; the
+    /// stream ends in an error if the file changes before it is read to the end.
     pub async fn open(&self, obj: &ObjectMeta) -> Result<Opened, SourceError> {
         let path = self.path(INCOMING, &obj.key)?;
-        let file = tokio::fs::File::open(&path).await.map_err(|e| classify(e, &path))?;
-        let meta = file.metadata().await.map_err(|e| classify(e, &path))?;
-        if etag_of(&meta) != obj.etag {
-            return Err(SourceError::Gone(format!(
-                "{} changed since it was listed",
-                path.display()
-            )));
-        }
+        let versions = self.versions.clone();
+        let (etag, listed) = (obj.etag.clone(), path.clone());
+        let opened = tokio::task::spawn_blocking(move || -> io::Result<Option<(File, StatKey)>> {
+            let mut file = open_nofollow(&listed)?;
+            let meta = file.metadata()?;
+            if !meta.is_file() {
+                return Ok(None);
+            }
+            let key = StatKey::of(&meta);
+            if versions.of_open(&mut file, &key)? != Some(etag) {
+                return Ok(None);
+            }
+            Ok(Some((file, key)))
+        })
+        .await
+        .map_err(|e| SourceError::Transient(format!("opening task failed: {e}")))?;
+        let (file, key) = match opened {
+            Ok(Some(found)) => found,
+            Ok(None) => {
+                return Err(SourceError::Gone(format!(
+                    "{} changed since it was listed",
+                    path.display()
+                )));
+            }
+            Err(e) if is_not_a_file(&e) => {
+                return Err(SourceError::Gone(format!(
+                    "{} is gone or is no longer a regular file",
+                    path.display()
+                )));
+            }
+            Err(e) => return Err(classify(e, &path)),
+        };
+        let watch = file.try_clone().map_err(|e| classify(e, &path))?;
+        let mut reader = tokio::fs::File::from_std(file);
+        tokio::io::AsyncSeekExt::rewind(&mut reader)
+            .await
+            .map_err(|e| classify(e, &path))?;
         Ok(Opened {
-            reader: Box::new(file),
+            reader: Box::new(Verified {
+                inner: tokio::io::AsyncReadExt::take(reader, key.size),
+                watch,
+                key,
+                path,
+            }),
             content_encoding: None,
         })
     }
 
     /// Moves `from/K` to `to/name` unless `to/name` exists: a hard link (which fails when the
     /// name is taken, atomically) then removing the source. A crash between the two leaves
-    /// both names on one file, which the next attempt recognizes as the same version.
+    /// both names on one file, which the next attempt recognizes as the same version. Across
+    /// filesystems, see [`Self::copy_into`].
     pub async fn move_as(&self, from: &str, to: &str, obj: &ObjectMeta, name: &str) -> Result<MoveAs, SourceError> {
         let src = self.path(from, &obj.key)?;
         let dest = self.path(to, name)?;
-        match tokio::fs::symlink_metadata(&src).await {
-            Ok(meta) if etag_of(&meta) == obj.etag => {}
-            Ok(_) => return Ok(MoveAs::SourceGone),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(MoveAs::SourceGone),
-            Err(e) => return Err(classify(e, &src)),
-        }
+        let before = match self.version_at(&src).await? {
+            Some((key, version)) if version == obj.etag => key,
+            _ => return Ok(MoveAs::SourceGone),
+        };
         if let Some(parent) = dest.parent() {
             tokio::fs::create_dir_all(parent)
                 .await
                 .map_err(|e| classify(e, parent))?;
         }
         match tokio::fs::hard_link(&src, &dest).await {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                let found = tokio::fs::symlink_metadata(&dest)
-                    .await
-                    .map_err(|e| classify(e, &dest))?;
-                return Ok(MoveAs::Taken {
-                    identical: etag_of(&found) == obj.etag,
-                });
+            Ok(()) => {
+                // The link moved ctime; the bytes are the ones identified.
+                if let Ok(meta) = tokio::fs::symlink_metadata(&dest).await {
+                    let after = StatKey::of(&meta);
+                    if after.same_bytes(&before) {
+                        self.versions.insert(after, obj.etag.clone());
+                    }
+                }
             }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return self.taken(&dest, obj).await,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(MoveAs::SourceGone),
+            Err(e) if links_unavailable(&e) => {
+                if let Some(outcome) = self.copy_into(&src, &dest, before, obj).await? {
+                    return Ok(outcome);
+                }
+            }
             Err(e) => return Err(classify(e, &src)),
         }
         self.delete_version(from, obj).await?;
         Ok(MoveAs::Moved)
     }
 
+    /// `dest` exists: is it this very version (a move copied it and stopped before the unlink)?
+    async fn taken(&self, dest: &Path, obj: &ObjectMeta) -> Result<MoveAs, SourceError> {
+        let found = self.version_at(dest).await?;
+        Ok(MoveAs::Taken {
+            identical: found.is_some_and(|(_, v)| v == obj.etag),
+        })
+    }
+
+    /// Where a hard link cannot be made (another filesystem, or links refused): copies the
+    /// listed bytes to a temporary name beside `dest`, fsyncs it, puts it at `dest` without
+    /// replacing anything there (a link, else a rename after checking) and fsyncs the folder.
+    /// `None` when the copy is in place (the source is then removed by the caller); otherwise
+    /// what the move found.
+    async fn copy_into(
+        &self,
+        src: &Path,
+        dest: &Path,
+        listed: StatKey,
+        obj: &ObjectMeta,
+    ) -> Result<Option<MoveAs>, SourceError> {
+        let parent = dest.parent().unwrap_or(&self.root).to_path_buf();
+        let name = dest
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let tmp = parent.join(format!(".{name}.{}.{}.tmp", std::process::id(), rand::random::<u32>()));
+        let (from, to, etag) = (src.to_path_buf(), tmp.clone(), obj.etag.clone());
+        let copied = tokio::task::spawn_blocking(move || copy_verified(&from, &to, listed, &etag))
+            .await
+            .map_err(|e| SourceError::Transient(format!("copying task failed: {e}")))?;
+        match copied {
+            Ok(true) => {}
+            Ok(false) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Ok(Some(MoveAs::SourceGone));
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(classify(e, src));
+            }
+        }
+        let placed = match tokio::fs::hard_link(&tmp, dest).await {
+            Ok(()) => Ok(()),
+            Err(e) if links_unavailable(&e) => match tokio::fs::symlink_metadata(dest).await {
+                // No link possible here at all: check, then rename. (A producer writing
+                // `dest` in between could be replaced; processed/ and failed/ are the loader's.)
+                Err(missing) if missing.kind() == io::ErrorKind::NotFound => tokio::fs::rename(&tmp, dest).await,
+                Err(other) => Err(other),
+                Ok(_) => Err(io::Error::from(io::ErrorKind::AlreadyExists)),
+            },
+            Err(e) => Err(e),
+        };
+        let _ = tokio::fs::remove_file(&tmp).await;
+        match placed {
+            Ok(()) => {
+                let dir = parent.clone();
+                let synced = tokio::task::spawn_blocking(move || File::open(&dir)?.sync_all()).await;
+                match synced {
+                    Ok(Ok(())) => Ok(None),
+                    Ok(Err(e)) => Err(classify(e, &parent)),
+                    Err(e) => Err(SourceError::Transient(format!("fsync task failed: {e}"))),
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(Some(self.taken(dest, obj).await?)),
+            Err(e) => Err(classify(e, dest)),
+        }
+    }
+
     /// Removes `from/K` if it still is this version.
     pub async fn delete_version(&self, from: &str, obj: &ObjectMeta) -> Result<(), SourceError> {
         let src = self.path(from, &obj.key)?;
-        match tokio::fs::symlink_metadata(&src).await {
-            Ok(meta) if etag_of(&meta) == obj.etag => {}
-            Ok(_) => return Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(classify(e, &src)),
+        match self.version_at(&src).await? {
+            Some((_, version)) if version == obj.etag => {}
+            _ => return Ok(()),
         }
         match tokio::fs::remove_file(&src).await {
             Ok(()) => {}
@@ -147,15 +303,27 @@ impl LocalSource {
         Ok(())
     }
 
+    /// The content version of the regular file at `path`, and its metadata.
+    async fn version_at(&self, path: &Path) -> Result<Option<(StatKey, String)>, SourceError> {
+        let versions = self.versions.clone();
+        let at = path.to_path_buf();
+        tokio::task::spawn_blocking(move || versions.at(&at))
+            .await
+            .map_err(|e| SourceError::Transient(format!("reading task failed: {e}")))?
+            .map_err(|e| classify(e, path))
+    }
+
     /// The version tag of the file at `path` (relative to the root), if there is one.
     pub async fn etag_at(&self, path: &str) -> Result<Option<String>, SourceError> {
         let (prefix, key) = path.split_once('/').unwrap_or(("", path));
         let target = self.path(prefix, key)?;
-        match tokio::fs::symlink_metadata(&target).await {
-            Ok(meta) => Ok(Some(etag_of(&meta))),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(classify(e, &target)),
+        if let Ok(meta) = tokio::fs::symlink_metadata(&target).await
+            && !meta.is_file()
+        {
+            // Something else holds the name: never the same version.
+            return Ok(Some(String::new()));
         }
+        Ok(self.version_at(&target).await?.map(|(_, v)| v))
     }
 
     /// Writes `path` atomically: a hidden temporary file, then a rename.
@@ -208,18 +376,6 @@ fn classify(e: io::Error, path: &Path) -> SourceError {
         io::ErrorKind::NotFound => SourceError::Gone(message),
         _ => SourceError::Transient(message),
     }
-}
-
-/// Size and modification time: changes whenever a producer rewrites the file. (No `-` in it:
-/// see [`super::same_version`].)
-fn etag_of(meta: &std::fs::Metadata) -> String {
-    let nanos = meta
-        .modified()
-        .ok()
-        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    format!("{:x}.{:x}", meta.len(), nanos)
 }
 
 fn walk(dir: &Path, rel: &str, settle: Duration, now: SystemTime, out: &mut Vec<ObjectMeta>) -> io::Result<()> {
@@ -275,67 +431,4 @@ async fn prune_empty_dirs(moved: &Path, stop: &Path) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::source::MoveOutcome;
-
-    #[test]
-    fn keys_that_leave_the_root_are_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let src = LocalSource::create(dir.path(), Duration::ZERO).unwrap();
-        for bad in ["../x", "a/../../x", "/etc/passwd", "", "a/./b"] {
-            assert!(src.path(INCOMING, bad).is_err(), "{bad}");
-        }
-        assert_eq!(
-            src.path(INCOMING, "a/b c.csv").unwrap(),
-            src.root.join("incoming/a/b c.csv")
-        );
-    }
-
-    #[test]
-    fn temp_and_hidden_names_are_not_listed() {
-        for name in [".hidden.csv", "a.csv.tmp", "a.csv.part", "a.csv~", "x.PARTIAL"] {
-            assert!(looks_temporary(name), "{name}");
-        }
-        assert!(!looks_temporary("orders.csv.gz"));
-    }
-
-    #[tokio::test]
-    async fn a_move_interrupted_after_the_link_is_finished_not_duplicated() {
-        let dir = tempfile::tempdir().unwrap();
-        let src = LocalSource::create(dir.path(), Duration::ZERO).unwrap();
-        std::fs::create_dir_all(dir.path().join("incoming/t")).unwrap();
-        std::fs::write(dir.path().join("incoming/t/a.csv"), "x\n1\n").unwrap();
-        let (found, _) = src.list(INCOMING).await.unwrap();
-        // The process died between linking processed/t/a.csv and removing incoming/t/a.csv.
-        std::fs::create_dir_all(dir.path().join("processed/t")).unwrap();
-        std::fs::hard_link(
-            dir.path().join("incoming/t/a.csv"),
-            dir.path().join("processed/t/a.csv"),
-        )
-        .unwrap();
-        let outcome = crate::source::Source::Local(src)
-            .move_to(&found[0], crate::source::Area::Processed)
-            .await;
-        assert_eq!(outcome.unwrap(), MoveOutcome::Moved { to: "t/a.csv".into() });
-        assert!(!dir.path().join("incoming/t/a.csv").exists());
-        assert_eq!(
-            std::fs::read_dir(dir.path().join("processed/t")).unwrap().count(),
-            1,
-            "no second copy"
-        );
-    }
-
-    #[tokio::test]
-    async fn recent_files_wait_for_the_settle_time() {
-        let dir = tempfile::tempdir().unwrap();
-        let src = LocalSource::create(dir.path(), Duration::from_secs(3600)).unwrap();
-        std::fs::create_dir_all(dir.path().join("incoming/t")).unwrap();
-        std::fs::write(dir.path().join("incoming/t/a.csv"), "x\n1\n").unwrap();
-        assert!(src.list(INCOMING).await.unwrap().0.is_empty());
-        let src = LocalSource::create(dir.path(), Duration::ZERO).unwrap();
-        let (found, _) = src.list(INCOMING).await.unwrap();
-        assert_eq!(found.len(), 1);
-        assert_eq!(found[0].key, "t/a.csv");
-    }
-}
+mod tests;

@@ -20,7 +20,8 @@ pub const FAILED: &str = "failed/";
 pub struct ObjectMeta {
     /// Key relative to `incoming/`.
     pub key: String,
-    /// Version identity: the S3 ETag, or size and modification time for a local file.
+    /// Version identity: the S3 ETag, or for a local file the hash of its content once
+    /// [`Source::identify`] has read it.
     pub etag: String,
     pub size: u64,
     pub last_modified: DateTime<Utc>,
@@ -146,6 +147,25 @@ impl Source {
             Source::Local(s) => s.list(INCOMING).await,
             Source::S3(s) => s.list(INCOMING).await,
         }
+    }
+
+    /// The listed files of `incoming/` as the versions to load: for a local folder, each
+    /// file's content version is computed here (once per file; see [`local`]), so only the
+    /// files about to be loaded are read. Files gone meanwhile are left out.
+    pub async fn identify(&self, objs: Vec<ObjectMeta>) -> Vec<ObjectMeta> {
+        match self {
+            Source::Local(s) => s.identify(INCOMING, objs).await,
+            Source::S3(_) => objs,
+        }
+    }
+
+    /// Every file in `failed/` (reports included), for `retry-failed`, with its version.
+    pub async fn list_failed_versions(&self) -> Result<Vec<ObjectMeta>, SourceError> {
+        let listed = self.list_failed().await?;
+        Ok(match self {
+            Source::Local(s) => s.identify(FAILED, listed).await,
+            Source::S3(_) => listed,
+        })
     }
 
     /// Every file in `failed/` (reports included), for `retry-failed`.
