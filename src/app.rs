@@ -183,16 +183,28 @@ impl App {
     }
 
     /// `check`: the store and the database answer. Returns one line per check.
-    pub async fn check(&self) -> Vec<(String, Result<(), String>)> {
-        let store = self.source.check().await.map_err(|e| e.to_string());
+    /// `check`: each thing checked, and what was found (`Ok` with a note, possibly empty).
+    pub async fn check(&self) -> Vec<(String, Result<String, String>)> {
+        let store = self
+            .source
+            .check()
+            .await
+            .map(|()| String::new())
+            .map_err(|e| e.to_string());
+        let copies = match &store {
+            Ok(_) => self.source.copy_guard_note().await.map_err(|e| e.to_string()),
+            Err(_) => Err("not probed: the store is unreachable".into()),
+        };
         let url = self.config.database.url.expose_secret();
         let db = match self.db.ping().await {
             Ok(()) => self.db.ensure_ledger().await.map_err(|e| e.to_string()),
             Err(e) => Err(e),
         }
+        .map(|()| String::new())
         .map_err(|e| crate::redact::scrub(&e, &[url]));
         vec![
             (format!("store {}", self.source.id()), store),
+            ("store never replaces processed/ and failed/ names".into(), copies),
             (format!("database {}", crate::redact::url(url)), db),
         ]
     }
@@ -213,22 +225,25 @@ impl App {
                 .map(|t| format!("{}s old ({t})", (now - t).num_seconds()))
                 .unwrap_or_else(|| "-".into()),
         );
-        let mut failed: Vec<_> = failed.into_iter().filter(|o| !o.key.ends_with(".error.json")).collect();
+        let mut failed = crate::report::failed_files(&self.source, failed).await?;
         failed.sort_by_key(|o| std::cmp::Reverse(o.last_modified));
         out.push_str(&format!("failed:   {} file(s) in {FAILED}\n", failed.len()));
         if !failed.is_empty() {
             out.push_str("latest failures:\n");
         }
         for f in failed.iter().take(10) {
-            let report = format!("{FAILED}{}.error.json", f.key);
-            let reason = match self.source.read(&report).await {
-                Ok(bytes) => serde_json::from_slice::<serde_json::Value>(&bytes)
-                    .ok()
-                    .and_then(|r| {
-                        let e = &r["error"];
-                        Some(format!("{}: {}", e["kind"].as_str()?, e["message"].as_str()?))
-                    })
-                    .unwrap_or_else(|| "unreadable report".into()),
+            let reason = match crate::report::read(&self.source, &f.key).await {
+                Ok(Some(r)) => {
+                    let from = match r.original_key() {
+                        Some(k) if k != f.key => format!(" (from {}{k})", crate::source::INCOMING),
+                        _ => String::new(),
+                    };
+                    match (r.error["kind"].as_str(), r.error["message"].as_str()) {
+                        (Some(kind), Some(message)) => format!("{kind}: {message}{from}"),
+                        _ => format!("unreadable report{from}"),
+                    }
+                }
+                Ok(None) => "no report".into(),
                 Err(e) => format!("no report ({e})"),
             };
             out.push_str(&format!(
@@ -245,21 +260,19 @@ impl App {
     /// The key relative to `incoming/` that a file in failed/ came from: its report's `key`,
     /// else its own name.
     async fn original_key(&self, obj: &crate::source::ObjectMeta) -> String {
-        let report = self.source.read(&format!("{FAILED}{}.error.json", obj.key)).await;
+        let report = crate::report::read(&self.source, &obj.key).await.ok().flatten();
         report
-            .ok()
-            .and_then(|body| serde_json::from_slice::<serde_json::Value>(&body).ok())
-            .and_then(|r| r["key"].as_str().map(str::to_string))
-            .and_then(|k| k.strip_prefix(crate::source::INCOMING).map(str::to_string))
-            .filter(|k| !k.is_empty())
-            .unwrap_or_else(|| obj.key.clone())
+            .as_ref()
+            .and_then(|r| r.original_key())
+            .map_or_else(|| obj.key.clone(), str::to_string)
     }
 
     pub async fn retry_failed(&self, prefix: Option<&str>) -> anyhow::Result<u64> {
         self.db.ensure_ledger().await?;
         let mut moved = 0;
-        for obj in self.source.list_failed_versions().await? {
-            if obj.key.ends_with(".error.json") || !prefix.is_none_or(|p| obj.key.starts_with(p)) {
+        let listed = self.source.list_failed_versions().await?;
+        for obj in crate::report::failed_files(&self.source, listed).await? {
+            if !prefix.is_none_or(|p| obj.key.starts_with(p)) {
                 continue;
             }
             // The key it came from, as its report says: a file stored as `K.<tag>` (its key in
@@ -274,7 +287,11 @@ impl App {
             };
             match outcome {
                 Some(crate::source::MoveOutcome::Moved { .. }) => {
-                    self.source.delete(&format!("{FAILED}{}.error.json", obj.key)).await?;
+                    // Its report, if one of the loader's is there (never another object).
+                    if crate::report::read(&self.source, &obj.key).await?.is_some() {
+                        let report = format!("{FAILED}{}{}", obj.key, crate::report::SUFFIX);
+                        self.source.delete(&report).await?;
+                    }
                     moved += 1;
                     info!(key = %original, "moved back to incoming/");
                 }

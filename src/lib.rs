@@ -15,8 +15,9 @@
 //! - The sink reads the file through a [`reader::FileReader`]: [`source`] streams the object,
 //!   [`format`] decompresses it and decodes it (CSV, JSON lines) on a blocking thread, or passes
 //!   CSV bytes through to COPY once the same reader has checked them.
-//! - After the commit, [`worker`] moves the object to `processed/`; a bad file gets its report
-//!   written to `failed/K.error.json` and is moved to `failed/`. A load that panics is caught at
+//! - After the commit, [`worker`] moves the object to `processed/`; a bad file gets its
+//!   [`report`] written to `failed/K.error.json` (never over another object) and is moved to
+//!   `failed/`. A load that panics is caught at
 //!   the worker boundary and retried.
 //! - [`config`] reads and checks the settings (with [`config::routes`] and
 //!   [`config::redshift`]); [`routes`] resolves each key to its table and format; [`schema`] holds
@@ -37,6 +38,7 @@ pub mod metrics;
 pub mod page;
 pub mod reader;
 pub mod redact;
+pub mod report;
 pub mod routes;
 pub mod scheduler;
 pub mod schema;

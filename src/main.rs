@@ -135,7 +135,8 @@ async fn check(config: Config) -> anyhow::Result<ExitCode> {
     let mut ok = true;
     for (what, result) in app.check().await {
         match result {
-            Ok(()) => println!("{what}: ok"),
+            Ok(note) if note.is_empty() => println!("{what}: ok"),
+            Ok(note) => println!("{what}: ok ({note})"),
             Err(e) => {
                 ok = false;
                 println!("{what}: FAILED: {e}");

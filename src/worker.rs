@@ -6,11 +6,11 @@
 use std::sync::Arc;
 
 use chrono::Utc;
-use serde::Serialize;
 use tracing::{Instrument, info, warn};
 
 use crate::error::{FileError, LoadError, Stage};
 use crate::reader::FileReader;
+use crate::report::{self, FailureReportFile};
 use crate::routes::Routes;
 use crate::sink::redshift::RedshiftBatch;
 use crate::sink::{Database, FileRef, LoadOutcome};
@@ -57,18 +57,6 @@ pub struct Worker {
     pub db: Arc<Database>,
     pub status: Arc<Status>,
     pub routes: Routes,
-}
-
-/// The report written beside a failed file as `failed/K.error.json`.
-#[derive(Debug, Serialize)]
-pub struct FailureReportFile<'a> {
-    pub source: &'a str,
-    pub key: String,
-    pub etag: &'a str,
-    pub size: u64,
-    pub failed_at: chrono::DateTime<Utc>,
-    pub error: &'a FileError,
-    pub loader_version: &'static str,
 }
 
 impl Worker {
@@ -199,11 +187,19 @@ impl Worker {
             LoadOutcome::Failed(error) | LoadOutcome::AlreadyFailed(error) => {
                 // The report goes beside the file under the name the file will get, so both are
                 // decided first; a name held by another failed version is never reused.
-                let name = self
-                    .source
-                    .free_name(Area::Failed, obj)
+                let name = report::failed_name(&self.source, obj)
                     .await
-                    .map_err(|e| e.into_load_error(Stage::Move))?;
+                    .map_err(|e| e.into_load_error(Stage::Move))?
+                    .ok_or_else(|| {
+                        let taken = crate::source::alternative_name(obj);
+                        LoadError::transient(
+                            Stage::Move,
+                            format!(
+                                "{FAILED}{0} and {FAILED}{taken} (or their reports' names) are taken",
+                                obj.key
+                            ),
+                        )
+                    })?;
                 self.write_report(obj, &name, &error).await?;
                 match self.source.move_to_name(obj, Area::Failed, &name).await {
                     Ok(Some(_)) => Ok(FileOutcome::Failed(error)),
@@ -250,7 +246,7 @@ impl Worker {
         };
         let body = serde_json::to_vec_pretty(&report).unwrap_or_default();
         self.source
-            .put(&format!("{FAILED}{name}.error.json"), body)
+            .put(&format!("{FAILED}{name}{}", report::SUFFIX), body)
             .await
             .map_err(|e| e.into_load_error(Stage::Report))
     }

@@ -393,3 +393,54 @@ async fn processed_and_failed_on_another_file_system_receive_files_by_copy() {
     let db = sqlite(d).await;
     assert_eq!(count(&db, "SELECT count(*) FROM orders").await, 30);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_producers_file_named_like_a_report_is_never_overwritten_nor_taken_for_a_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // A producer's own file named as the report of `t/a.csv` would be; it fails (not JSON).
+    write_old(
+        &d.join("data/incoming/t/a.csv.error.json"),
+        b"producer's bytes, not JSON\n",
+    );
+    let (status, stdout, _) = run(d, &["once"], &[]);
+    assert_eq!(status.code(), Some(1), "{stdout}");
+    assert!(d.join("data/failed/t/a.csv.error.json").exists());
+    // Then `t/a.csv` fails too: its report must not replace the producer's file.
+    write_old(&d.join("data/incoming/t/a.csv"), b"id,amount\n1,2,3\n");
+    let (status, stdout, _) = run(d, &["once"], &[]);
+    assert_eq!(status.code(), Some(1), "{stdout}");
+    assert_eq!(
+        std::fs::read(d.join("data/failed/t/a.csv.error.json")).unwrap(),
+        b"producer's bytes, not JSON\n",
+        "the producer's file was overwritten"
+    );
+    let failed = files_under(&d.join("data/failed"));
+    assert_eq!(failed.len(), 4, "{failed:?}");
+    let tagged = failed
+        .iter()
+        .find(|f| f.starts_with("t/a.csv.") && !f.ends_with(".error.json"))
+        .unwrap_or_else(|| panic!("t/a.csv went to another name: {failed:?}"));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.join(format!("data/failed/{tagged}.error.json"))).unwrap()).unwrap();
+    assert_eq!(report["key"], "incoming/t/a.csv");
+
+    // `status` counts two failed files (not the producer's file as a report) with their reasons.
+    let (status, stdout, stderr) = run(d, &["status"], &[]);
+    assert!(status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("failed:   2 file(s)"), "{stdout}");
+    assert!(stdout.contains(&format!("failed/{tagged}")), "{stdout}");
+    assert!(stdout.contains("(from incoming/t/a.csv)"), "{stdout}");
+    assert!(stdout.contains("failed/t/a.csv.error.json\n"), "{stdout}");
+
+    // retry-failed sends both back under their own keys and deletes only the reports.
+    let (status, stdout, stderr) = run(d, &["retry-failed"], &[]);
+    assert!(status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("moved 2 file(s)"), "{stdout}");
+    assert_eq!(files_under(&d.join("data/failed")), Vec::<String>::new());
+    assert_eq!(files_under(&d.join("data/incoming")), ["t/a.csv", "t/a.csv.error.json"]);
+    assert_eq!(
+        std::fs::read(d.join("data/incoming/t/a.csv.error.json")).unwrap(),
+        b"producer's bytes, not JSON\n"
+    );
+}

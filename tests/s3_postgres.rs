@@ -415,3 +415,42 @@ async fn csv_that_copy_would_misread_is_loaded_through_the_parser_instead() {
         "blank line, inner quote, mixed line ends and the marker fall back:\n{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_that_ignores_conditional_copies_is_found_out_and_processed_is_never_replaced() {
+    let moto = Moto::start();
+    let bucket = Bucket::create(&moto, "copy-guard").await;
+    let db = PgDb::create("copy_guard").await;
+    let dir = tempfile::tempdir().unwrap();
+    // The README's settings for an S3-compatible store: endpoint and path style, nothing else.
+    let env = loader_env(&moto, "copy-guard", &db, &[]);
+    let (status, stdout, stderr) = run(dir.path(), &["check"], &env);
+    assert!(status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("store never replaces processed/ and failed/ names: ok (the store ignores If-None-Match"),
+        "{stdout}"
+    );
+    assert!(
+        bucket.keys("processed/").await.is_empty(),
+        "the probe's objects are gone"
+    );
+
+    let first = orders_csv(1, 20);
+    bucket.put("incoming/orders/a.csv", first.clone()).await;
+    let (status, stdout, stderr) = run(dir.path(), &["once"], &env);
+    assert!(status.success(), "{stdout}{stderr}");
+    // A new file under the same key: loaded, and moved beside the archived one, not over it.
+    bucket.put("incoming/orders/a.csv", orders_csv(21, 5)).await;
+    let (status, stdout, stderr) = run(dir.path(), &["once"], &env);
+    assert!(status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("loaded 1 (5 rows)"), "{stdout}");
+    let processed = bucket.keys("processed/").await;
+    assert_eq!(processed.len(), 2, "{processed:?}");
+    assert_eq!(
+        bucket.get("processed/orders/a.csv").await,
+        first.as_bytes(),
+        "not replaced"
+    );
+    assert!(processed[1].starts_with("processed/orders/a.csv."), "{processed:?}");
+    assert_eq!(db.count("SELECT count(*) FROM orders").await, 25);
+}

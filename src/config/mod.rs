@@ -86,10 +86,10 @@ pub struct SourceConfig {
     /// left for a later tick. Local folders only; S3 objects appear only once complete.
     #[serde(with = "duration")]
     pub settle_time: Duration,
-    /// The store refuses a CopyObject onto an existing key when asked to (`If-None-Match: *`),
-    /// as Amazon S3 does: a move then needs no HEAD first. Set it to false for stores that
-    /// ignore the condition (moto, some S3-compatible stores), so that nothing in `processed/`
-    /// or `failed/` is ever overwritten there either.
+    /// Use `If-None-Match: *` on CopyObject to keep names in `processed/` and `failed/` where
+    /// the store is found (by a probe, once) to honour it, as Amazon S3 does: a move then needs
+    /// no HEAD first. Elsewhere, and when false, each move checks the destination before and
+    /// after copying.
     pub conditional_copy: bool,
 }
 

@@ -25,7 +25,7 @@ use chrono::{DateTime, Utc};
 use self::version::{
     StatKey, Verified, Versions, copy_verified, etag_of, is_not_a_file, links_unavailable, open_nofollow,
 };
-use super::{FAILED, INCOMING, MoveAs, ObjectMeta, Opened, PROCESSED, SourceError};
+use super::{FAILED, INCOMING, MoveAs, ObjectMeta, Opened, PROCESSED, Small, SourceError};
 
 pub struct LocalSource {
     root: PathBuf,
@@ -343,10 +343,32 @@ impl LocalSource {
         tokio::fs::rename(&tmp, &dest).await.map_err(|e| classify(e, &dest))
     }
 
-    pub async fn read(&self, path: &str) -> Result<Vec<u8>, SourceError> {
+    /// The file at `path` if it is a regular file of at most `max` bytes.
+    pub async fn read_small(&self, path: &str, max: u64) -> Result<Small, SourceError> {
         let (prefix, key) = path.split_once('/').unwrap_or(("", path));
         let target = self.path(prefix, key)?;
-        tokio::fs::read(&target).await.map_err(|e| classify(e, &target))
+        let found = tokio::task::spawn_blocking(move || -> io::Result<Small> {
+            let mut file = match open_nofollow(&target) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Small::Absent),
+                Err(e) if is_not_a_file(&e) => return Ok(Small::TooLarge),
+                Err(e) => return Err(e),
+            };
+            let meta = file.metadata()?;
+            if !meta.is_file() || meta.len() > max {
+                return Ok(Small::TooLarge);
+            }
+            let mut body = Vec::with_capacity(meta.len() as usize);
+            io::Read::read_to_end(&mut io::Read::take(&mut file, max + 1), &mut body)?;
+            Ok(if body.len() as u64 > max {
+                Small::TooLarge
+            } else {
+                Small::Body(body)
+            })
+        })
+        .await
+        .map_err(|e| SourceError::Transient(format!("reading task failed: {e}")))?;
+        found.map_err(|e| classify(e, Path::new(path)))
     }
 
     pub async fn delete(&self, path: &str) -> Result<(), SourceError> {

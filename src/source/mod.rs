@@ -50,6 +50,15 @@ impl Area {
     }
 }
 
+/// What [`Source::read_small`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Small {
+    Absent,
+    /// Something larger than asked for, or not a regular file.
+    TooLarge,
+    Body(Vec<u8>),
+}
+
 /// What a move did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MoveOutcome {
@@ -250,20 +259,6 @@ impl Source {
         })
     }
 
-    /// A name under `area` for this version that no other version holds: the key, or its
-    /// [`alternative_name`]. (For failed files, whose report must be written before the move.)
-    pub async fn free_name(&self, area: Area, obj: &ObjectMeta) -> Result<String, SourceError> {
-        let path = format!("{}{}", area.prefix(), obj.key);
-        let found = match self {
-            Source::Local(s) => s.etag_at(&path).await?,
-            Source::S3(s) => s.etag_at(&path).await?,
-        };
-        Ok(match found {
-            Some(etag) if !same_version(&etag, &obj.etag) => alternative_name(obj),
-            _ => obj.key.clone(),
-        })
-    }
-
     /// Writes a small object (a failure report) at `path` relative to the root.
     pub async fn put(&self, path: &str, body: Vec<u8>) -> Result<(), SourceError> {
         match self {
@@ -272,11 +267,20 @@ impl Source {
         }
     }
 
-    /// Reads a small object (a failure report) at `path` relative to the root.
-    pub async fn read(&self, path: &str) -> Result<Vec<u8>, SourceError> {
+    /// The object at `path` (relative to the root) if it is at most `max` bytes: a failure
+    /// report, or whatever else holds its name (never read whole when large).
+    pub async fn read_small(&self, path: &str, max: u64) -> Result<Small, SourceError> {
         match self {
-            Source::Local(s) => s.read(path).await,
-            Source::S3(s) => s.read(path).await,
+            Source::Local(s) => s.read_small(path, max).await,
+            Source::S3(s) => s.read_small(path, max).await,
+        }
+    }
+
+    /// The version of the object at `path` relative to the root, if there is one.
+    pub async fn etag_at(&self, path: &str) -> Result<Option<String>, SourceError> {
+        match self {
+            Source::Local(s) => s.etag_at(path).await,
+            Source::S3(s) => s.etag_at(path).await,
         }
     }
 
@@ -286,6 +290,25 @@ impl Source {
             Source::Local(s) => s.delete(path).await,
             Source::S3(s) => s.delete(path).await,
         }
+    }
+
+    /// For `check`: how moves keep names in `processed/` and `failed/` from being replaced on
+    /// this store (an S3 store is probed; see [`s3::S3Source::copy_guard`]).
+    pub async fn copy_guard_note(&self) -> Result<String, SourceError> {
+        Ok(match self {
+            Source::Local(_) => "links and renames never replace a name".into(),
+            Source::S3(s) => match s.copy_guard().await? {
+                s3::CopyGuard::Honoured => {
+                    "the store refuses copies onto existing keys (If-None-Match); moves rely on it".into()
+                }
+                s3::CopyGuard::Ignored => "the store ignores If-None-Match on CopyObject; each move checks the \
+                                           destination before and after copying"
+                    .into(),
+                s3::CopyGuard::Off => "source.conditional_copy = false; each move checks the destination before \
+                                       and after copying"
+                    .into(),
+            },
+        })
     }
 
     /// Is the store reachable (and `incoming/` listable)?

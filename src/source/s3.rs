@@ -2,6 +2,12 @@
 //! streamed with `If-Match` on the listed ETag, so what is loaded is exactly the version that was
 //! listed; a move is CopyObject guarded by that ETag, then DeleteObject guarded by it too, so a
 //! version a producer wrote meanwhile is never moved or deleted unloaded.
+//!
+//! A copy never replaces an object in `processed/` or `failed/`. Where the store is proven to
+//! refuse a CopyObject onto an existing key (`If-None-Match: *`; [`S3Source::copy_guard`]
+//! probes it once with objects of its own), that condition alone keeps the destination;
+//! elsewhere (moto, some S3-compatible stores) each move looks at the destination before the
+//! copy and again after it, and only deletes the source when its own copy is the one there.
 
 use std::time::Duration;
 
@@ -12,7 +18,7 @@ use aws_sdk_s3::primitives::ByteStream;
 use chrono::{DateTime, Utc};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 
-use super::{INCOMING, MoveAs, ObjectMeta, Opened, SourceError};
+use super::{INCOMING, MoveAs, ObjectMeta, Opened, Small, SourceError};
 use crate::config::SourceConfig;
 
 /// Characters left as they are in a CopyObject copy source: RFC 3986 unreserved, and `/`.
@@ -31,6 +37,20 @@ pub struct S3Source {
     id: String,
     /// See `source.conditional_copy`.
     conditional_copy: bool,
+    /// What the probe found, once it found it.
+    guard: tokio::sync::OnceCell<CopyGuard>,
+}
+
+/// Whether the store refuses a CopyObject onto an existing key when asked (`If-None-Match: *`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyGuard {
+    /// Refused with 412, as Amazon S3 does: the condition alone protects the destination.
+    Honoured,
+    /// The copy replaced the object (or the store rejected the header): moves check the
+    /// destination before and after copying.
+    Ignored,
+    /// `source.conditional_copy = false`: not probed, moves check before and after.
+    Off,
 }
 
 impl S3Source {
@@ -55,7 +75,73 @@ impl S3Source {
             root,
             id,
             conditional_copy: config.conditional_copy,
+            guard: tokio::sync::OnceCell::new(),
         }
+    }
+
+    /// Whether moves can rely on `If-None-Match: *`: probed once (two small objects of the
+    /// loader's own under `processed/`, a conditional copy of one onto the other, both deleted),
+    /// then remembered. Until a probe succeeds (the store unreachable), moves check before and
+    /// after copying.
+    pub async fn copy_guard(&self) -> Result<CopyGuard, SourceError> {
+        if !self.conditional_copy {
+            return Ok(CopyGuard::Off);
+        }
+        self.guard.get_or_try_init(|| self.probe_copy_guard()).await.copied()
+    }
+
+    async fn probe_copy_guard(&self) -> Result<CopyGuard, SourceError> {
+        let base = format!(
+            "{}{}.s3-sql-loader-probe-{:016x}",
+            self.root,
+            super::PROCESSED,
+            rand::random::<u64>()
+        );
+        let (from, onto) = (format!("{base}-a"), format!("{base}-b"));
+        for (key, body) in [(&from, "copy probe: source"), (&onto, "copy probe: existing")] {
+            self.client
+                .put_object()
+                .bucket(&self.bucket)
+                .key(key.as_str())
+                .body(ByteStream::from(body.as_bytes().to_vec()))
+                .send()
+                .await
+                .map_err(|e| classify(e, &format!("writing the copy probe s3://{}/{key}", self.bucket)))?;
+        }
+        let copied = self
+            .client
+            .copy_object()
+            .bucket(&self.bucket)
+            .key(&onto)
+            .copy_source(format!("{}/{}", self.bucket, utf8_percent_encode(&from, COPY_SOURCE)))
+            .if_none_match("*")
+            .send()
+            .await;
+        let guard = match copied {
+            Ok(_) => Ok(CopyGuard::Ignored),
+            Err(e) => {
+                let status = e.raw_response().map(|r| r.status().as_u16());
+                match (status, classify(e, "the copy probe")) {
+                    (Some(412), _) => Ok(CopyGuard::Honoured),
+                    // Answered, but not with 412 (the header not supported, say): not honoured.
+                    (Some(400..=499 | 501), _) => Ok(CopyGuard::Ignored),
+                    (_, other) => Err(other),
+                }
+            }
+        };
+        for key in [&from, &onto] {
+            let _ = self
+                .client
+                .delete_object()
+                .bucket(&self.bucket)
+                .key(key.as_str())
+                .send()
+                .await;
+        }
+        if let Ok(found) = &guard {
+            tracing::info!(store = %self.id, copy_guard = ?found, "probed whether the store refuses copies onto existing keys");
+        }
+        guard
     }
 
     pub fn id(&self) -> &str {
@@ -141,19 +227,21 @@ impl S3Source {
         })
     }
 
-    /// CopyObject to `to/name` only if that name is free (`If-None-Match: *`, and a HEAD first
-    /// unless the store honours it) and the source is
-    /// still the loaded version (`x-amz-copy-source-if-match`), then DeleteObject guarded by
-    /// the same ETag.
+    /// CopyObject to `to/name` only if that name is free and the source is still the loaded
+    /// version (`x-amz-copy-source-if-match`), then DeleteObject guarded by the same ETag. The
+    /// name is kept free by `If-None-Match: *` where the store honours it, else by a HEAD
+    /// before the copy and one after it (see the module's doc).
     pub async fn move_as(&self, from: &str, to: &str, obj: &ObjectMeta, name: &str) -> Result<MoveAs, SourceError> {
         let src = format!("{}{from}{}", self.root, obj.key);
         let dest = format!("{}{to}{name}", self.root);
-        // Where the store ignores If-None-Match on CopyObject (moto does), a HEAD first; where
-        // it honours it (Amazon S3), the condition alone keeps the destination, and saves a
-        // request per file.
-        if !self.conditional_copy
-            && let Some(found) = self.head_etag(&dest).await?
-        {
+        let guarded = match self.copy_guard().await {
+            Ok(guard) => guard == CopyGuard::Honoured,
+            Err(e) => {
+                tracing::debug!(error.message = %e, "copy probe failed; checking the destination instead");
+                false
+            }
+        };
+        if !guarded && let Some(found) = self.head_etag(&dest).await? {
             return Ok(MoveAs::Taken {
                 identical: super::same_version(&found, &obj.etag),
             });
@@ -170,25 +258,47 @@ impl S3Source {
             .if_none_match("*")
             .send()
             .await;
-        if let Err(e) = copied {
-            let what = format!("copying s3://{}/{src} to {dest}", self.bucket);
-            return match classify(e, &what) {
-                // 412 means the source changed or the destination exists: find out which.
-                SourceError::Gone(_) => {
-                    if self.head_etag(&src).await?.as_deref() != Some(obj.etag.as_str()) {
-                        Ok(MoveAs::SourceGone)
-                    } else if let Some(found) = self.head_etag(&dest).await? {
-                        Ok(MoveAs::Taken {
-                            identical: super::same_version(&found, &obj.etag),
-                        })
-                    } else {
-                        Err(SourceError::Transient(format!(
-                            "{what}: precondition failed; will retry"
-                        )))
+        let copied = match copied {
+            Ok(copied) => copied,
+            Err(e) => {
+                let what = format!("copying s3://{}/{src} to {dest}", self.bucket);
+                return match classify(e, &what) {
+                    // 412 means the source changed or the destination exists: find out which.
+                    SourceError::Gone(_) => {
+                        if self.head_etag(&src).await?.as_deref() != Some(obj.etag.as_str()) {
+                            Ok(MoveAs::SourceGone)
+                        } else if let Some(found) = self.head_etag(&dest).await? {
+                            Ok(MoveAs::Taken {
+                                identical: super::same_version(&found, &obj.etag),
+                            })
+                        } else {
+                            Err(SourceError::Transient(format!(
+                                "{what}: precondition failed; will retry"
+                            )))
+                        }
                     }
-                }
-                other => Err(other),
+                    other => Err(other),
+                };
+            }
+        };
+        if !guarded {
+            // Another writer may have put an object there between the HEAD and the copy (then
+            // one of the two copies replaced the other). The source is deleted only if the
+            // object there now is this copy; otherwise the file stays and its next move goes
+            // to another name.
+            let ours = copied.copy_object_result().and_then(|r| r.e_tag());
+            let now = self.head_etag(&dest).await?;
+            let still_ours = match (ours, now.as_deref()) {
+                (Some(ours), Some(now)) => ours == now,
+                // No ETag in the copy's answer (some stores): the loaded version's, when it can
+                // be compared (not multipart).
+                (None, Some(now)) => super::same_version(now, &obj.etag),
+                (_, None) => false,
             };
+            if !still_ours {
+                tracing::warn!(s3.key = %dest, "another object took the destination during the move; the file stays for another name");
+                return Ok(MoveAs::Taken { identical: false });
+            }
         }
         self.delete_version(from, obj).await?;
         Ok(MoveAs::Moved)
@@ -237,23 +347,47 @@ impl S3Source {
             .map_err(|e| classify(e, &format!("writing s3://{}/{key}", self.bucket)))
     }
 
-    pub async fn read(&self, path: &str) -> Result<Vec<u8>, SourceError> {
+    /// The object at `path` if it holds at most `max` bytes (a HEAD first, so a large object
+    /// is never fetched).
+    pub async fn read_small(&self, path: &str, max: u64) -> Result<Small, SourceError> {
         let key = format!("{}{path}", self.root);
         let what = format!("reading s3://{}/{key}", self.bucket);
-        let object = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(&key)
-            .send()
-            .await
-            .map_err(|e| classify(e, &what))?;
+        let head = match self.client.head_object().bucket(&self.bucket).key(&key).send().await {
+            Ok(head) => head,
+            Err(e) => {
+                return match classify(e, &what) {
+                    SourceError::Gone(_) => Ok(Small::Absent),
+                    other => Err(other),
+                };
+            }
+        };
+        if head.content_length().is_none_or(|n| n < 0 || n as u64 > max) {
+            return Ok(Small::TooLarge);
+        }
+        let mut request = self.client.get_object().bucket(&self.bucket).key(&key);
+        if let Some(etag) = head.e_tag() {
+            request = request.if_match(etag);
+        }
+        let object = match request.send().await {
+            Ok(object) => object,
+            Err(e) => {
+                return match classify(e, &what) {
+                    SourceError::Gone(_) => Ok(Small::Absent),
+                    other => Err(other),
+                };
+            }
+        };
         let body = object
             .body
             .collect()
             .await
             .map_err(|e| SourceError::Transient(format!("{what}: {e}")))?;
-        Ok(body.into_bytes().to_vec())
+        let body = body.into_bytes().to_vec();
+        Ok(if body.len() as u64 > max {
+            Small::TooLarge
+        } else {
+            Small::Body(body)
+        })
     }
 
     pub async fn delete(&self, path: &str) -> Result<(), SourceError> {

@@ -151,8 +151,8 @@ impl Moto {
             ("AWS_ENDPOINT_URL", self.endpoint.as_str()),
             ("AWS_EC2_METADATA_DISABLED", "true"),
             ("LOADER_SOURCE__FORCE_PATH_STYLE", "true"),
-            // moto ignores If-None-Match on CopyObject: the loader must HEAD before moving.
-            ("LOADER_SOURCE__CONDITIONAL_COPY", "false"),
+            // Nothing about copies: moto ignores If-None-Match on CopyObject, which the loader
+            // must find out by itself.
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
