@@ -92,6 +92,7 @@ impl App {
             db: self.db.clone(),
             status: self.status.clone(),
             routes: Routes::new(&self.config),
+            include_values: self.config.reports.include_values,
         })
     }
 

@@ -117,6 +117,42 @@ impl FileError {
         self.column = Some(column.into());
         self
     }
+
+    /// The same error with nothing that can quote the file's data: its kind, line, record and
+    /// column stay; the message becomes a fixed sentence (a limit's message, which names only
+    /// the limit, stays), the database's message goes, and so do the texts of earlier attempts
+    /// (`reports.include_values = false`).
+    pub fn without_values(&self) -> FileError {
+        let what = match self.kind {
+            FileErrorKind::Decode => "the file cannot be decoded",
+            FileErrorKind::UnsafeName => "a table or column name is not a safe SQL identifier",
+            FileErrorKind::Schema => "the file's columns do not match the table",
+            FileErrorKind::Type => "a value does not fit its column's type",
+            FileErrorKind::Database => "the database refused the data",
+            FileErrorKind::Source => "the object cannot be read",
+            FileErrorKind::RetriesExhausted => "every attempt ended in a transient error",
+            FileErrorKind::CrashedLoader => "the loader stopped while loading this file, every attempt",
+            // Names a `[limits]` key and its value, never the file's data: kept as it is.
+            FileErrorKind::Limit => "",
+        };
+        FileError {
+            message: match what {
+                "" => self.message.clone(),
+                what => format!("{what} (values left out: reports.include_values = false)"),
+            },
+            database_message: None,
+            history: Box::new(
+                self.history
+                    .iter()
+                    .map(|a| Attempt {
+                        message: String::new(),
+                        ..a.clone()
+                    })
+                    .collect(),
+            ),
+            ..self.clone()
+        }
+    }
 }
 
 impl std::fmt::Display for FileError {

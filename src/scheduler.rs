@@ -445,6 +445,7 @@ mod tests {
             db: db.clone(),
             status: status.clone(),
             routes: crate::routes::Routes::new(&config),
+            include_values: true,
         });
         let scheduler = Scheduler::new(&config, worker, CancellationToken::new(), None);
         crate::reader::tests::PANIC_ON.lock().unwrap().push("boom/a.csv".into());

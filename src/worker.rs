@@ -57,6 +57,8 @@ pub struct Worker {
     pub db: Arc<Database>,
     pub status: Arc<Status>,
     pub routes: Routes,
+    /// `reports.include_values`: whether reports, status and logs may quote the file's data.
+    pub include_values: bool,
 }
 
 impl Worker {
@@ -185,6 +187,12 @@ impl Worker {
                 Ok(FileOutcome::AlreadyLoaded)
             }
             LoadOutcome::Failed(error) | LoadOutcome::AlreadyFailed(error) => {
+                // What the report, the status and the log show (the ledger has the full text).
+                let error = if self.include_values {
+                    error
+                } else {
+                    error.without_values()
+                };
                 // The report goes beside the file under the name the file will get, so both are
                 // decided first; a name held by another failed version is never reused.
                 let name = report::failed_name(&self.source, obj)

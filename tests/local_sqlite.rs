@@ -444,3 +444,42 @@ async fn a_producers_file_named_like_a_report_is_never_overwritten_nor_taken_for
         b"producer's bytes, not JSON\n"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_include_values_off_no_value_of_a_failed_file_reaches_reports_status_or_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let env = kv(&[("LOADER_REPORTS__INCLUDE_VALUES", "false")]);
+    // The table exists (from a good file), so a value of another type fails the file.
+    write_old(&d.join("data/incoming/orders/first.csv"), orders_csv(1, 3).as_bytes());
+    let (status, stdout, stderr) = run(d, &["once"], &env);
+    assert!(status.success(), "{stdout}{stderr}");
+    let mut typed = orders_csv(10, 3);
+    typed.push_str("14,\"x\",secret-value-8812,true,2026-11-01\n");
+    write_old(&d.join("data/incoming/orders/typed.csv"), typed.as_bytes());
+    let (status, stdout, stderr) = run(d, &["once"], &env);
+    assert_eq!(status.code(), Some(1), "{stdout}{stderr}");
+    assert!(
+        !stdout.contains("secret-value") && !stderr.contains("secret-value"),
+        "{stdout}{stderr}"
+    );
+    let report_text = std::fs::read_to_string(d.join("data/failed/orders/typed.csv.error.json")).unwrap();
+    assert!(!report_text.contains("secret-value"), "{report_text}");
+    let report: serde_json::Value = serde_json::from_str(&report_text).unwrap();
+    // Where it is stays: kind, line, record, column.
+    assert_eq!(report["error"]["kind"], "type");
+    assert_eq!(report["error"]["column"], "amount");
+    assert_eq!(report["error"]["line"], 5);
+    assert_eq!(report["error"]["record"], 4);
+    let (status, stdout, stderr) = run(d, &["status"], &env);
+    assert!(status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("type: a value does not fit"), "{stdout}");
+    assert!(!stdout.contains("secret-value"), "{stdout}");
+    // The ledger, in the operator's database, keeps the full text.
+    let db = sqlite(d).await;
+    let kept: String = sqlx::query_scalar("SELECT error FROM s3_sql_loader_files WHERE state = 'failed'")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert!(kept.contains("secret-value-8812"), "{kept}");
+}

@@ -13,10 +13,12 @@ use serde::Deserialize;
 
 mod limits;
 pub mod redshift;
+mod reports;
 pub mod routes;
 mod urls;
 
 pub use self::limits::LimitsConfig;
+pub use self::reports::ReportsConfig;
 pub use self::urls::{Dialect, SourceUrl, dialect_of, parse_source_url};
 
 /// The whole configuration. Unknown keys anywhere are an error.
@@ -40,6 +42,8 @@ pub struct Config {
     /// Bounds on what one file may make the loader read or hold (invariant 8: no single input
     /// stops the pipeline).
     pub limits: LimitsConfig,
+    /// What failure reports and status pages may show of a file's values.
+    pub reports: ReportsConfig,
     /// `[[routes]]`: key prefix or glob → table, format and load options.
     pub routes: Vec<routes::RouteConfig>,
     /// Amazon Redshift's COPY settings (for `redshift://` database URLs).
@@ -63,6 +67,7 @@ impl Default for Config {
             claim: ClaimConfig::default(),
             health: HealthConfig::default(),
             limits: LimitsConfig::default(),
+            reports: ReportsConfig::default(),
             routes: Vec::new(),
             redshift: Default::default(),
         }
