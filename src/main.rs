@@ -56,6 +56,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    limit_malloc_arenas();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -69,6 +70,21 @@ fn main() -> ExitCode {
     // not wait for them (their transactions roll back when the process exits).
     runtime.shutdown_timeout(Duration::from_millis(500));
     code
+}
+
+/// glibc gives each thread that meets contention an arena of its own (up to 8 per core) and
+/// keeps what each one freed: loads that come and go on the runtime's and the decoders' threads
+/// then leave the process two or three times the memory it uses (a soak of good and hostile
+/// files peaked at 191 MB against 79 MB with two arenas). Two arenas, as `MALLOC_ARENA_MAX=2`
+/// would set, unless the environment says otherwise. Before any thread starts.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets an allocator parameter; no other thread exists yet.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
+    }
 }
 
 async fn run(cli: Cli) -> ExitCode {
