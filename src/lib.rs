@@ -4,9 +4,9 @@
 //! The path of a file through the modules:
 //!
 //! - [`scheduler`] ticks every `schedule.interval`: [`source`] lists `incoming/`, [`status`]
-//!   records the backlog, and up to `schedule.max_files_per_tick` files go to worker tasks, each
-//!   with its version (the S3 ETag; for a local folder, [`source::local`] hashes the content).
-//! - [`worker`] waits for a permit and the rate limiter, then asks [`sink`] to load the file.
+//!   records the backlog, and up to `schedule.max_files_per_tick` files go to worker tasks.
+//! - [`worker`] waits for a permit and the rate limiter, takes the file's version (the S3 ETag;
+//!   for a local folder, [`source::local`] hashes the content), then asks [`sink`] to load it.
 //!   For every database that loads file by file, [`sink::protocol`] is the one exactly-once
 //!   protocol (claim, count the attempt, write the rows under a savepoint, mark the ledger,
 //!   commit); each database brings only its claims, its row writer and its DDL

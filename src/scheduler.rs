@@ -182,7 +182,7 @@ impl Scheduler {
             }
             self.ledger_ready.store(true, Ordering::Relaxed);
         }
-        let picked = self.worker.source.identify(self.pick(listing)).await;
+        let picked = self.pick(listing);
         if !picked.is_empty() {
             info!(listed, picked = picked.len(), "dispatching files");
         }
@@ -320,6 +320,11 @@ impl Scheduler {
                         _ = limiter.until_ready() => {}
                         _ = stop.cancelled() => return not_started(),
                     }
+                    let Some(unit) = worker.identify(unit).await else {
+                        return not_started();
+                    };
+                    // The versions loaded, for what a panic leaves to record.
+                    let versions = unit.files().to_vec();
                     worker.status.load_started();
                     // Once started, a load runs to its end even if a stop comes meanwhile. It
                     // runs as a task of its own: a panic in it (ours or a dependency's) ends
@@ -331,7 +336,7 @@ impl Scheduler {
                     };
                     let outcomes = match load.await {
                         Ok(outcomes) => outcomes,
-                        Err(e) => worker.panicked(&objs, &panic_message(e)).await,
+                        Err(e) => worker.panicked(&versions, &panic_message(e)).await,
                     };
                     worker.status.load_ended();
                     if let Gate::Creates(tx) = &gate {

@@ -71,6 +71,20 @@ impl Worker {
     }
 
     /// Loads what the scheduler handed over: one file, or one batch.
+    /// The unit with its files' versions, read now that its turn has come (a local file's
+    /// content hash; an S3 object has its ETag from the listing). `None` when its file is gone.
+    pub async fn identify(&self, unit: Unit) -> Option<Unit> {
+        match unit {
+            Unit::File(obj) => {
+                let obj = self.source.identify(vec![obj]).await.pop()?;
+                tracing::Span::current().record("file.etag", obj.etag.as_str());
+                Some(Unit::File(obj))
+            }
+            // Batches are Redshift's, from S3: their ETags are their versions.
+            Unit::Batch(batch) => Some(Unit::Batch(batch)),
+        }
+    }
+
     pub async fn process_unit(&self, unit: Unit) -> Vec<FileOutcome> {
         match unit {
             Unit::File(obj) => vec![self.process(&obj).await],

@@ -159,8 +159,9 @@ impl Source {
     }
 
     /// The listed files of `incoming/` as the versions to load: for a local folder, each
-    /// file's content version is computed here (once per file; see [`local`]), so only the
-    /// files about to be loaded are read. Files gone meanwhile are left out.
+    /// file's content version is computed here (once per file; see [`local`]). Called by a
+    /// worker when a file's turn comes, so only files about to be loaded are read, and in
+    /// parallel. Files gone meanwhile are left out.
     pub async fn identify(&self, objs: Vec<ObjectMeta>) -> Vec<ObjectMeta> {
         match self {
             Source::Local(s) => s.identify(INCOMING, objs).await,
