@@ -208,3 +208,37 @@ async fn moves_across_file_systems_copy_and_an_interrupted_copy_is_finished_once
     );
     assert_eq!(std::fs::read(other.path().join("t/b.csv")).unwrap(), b"id\n7\n");
 }
+
+#[tokio::test]
+async fn two_names_of_one_file_load_while_the_other_name_is_moved() {
+    // Hard links to one file (as a producer, or the benchmark, may make): moving one name
+    // moves the inode's ctime, which must not fail the read of the other.
+    let dir = tempfile::tempdir().unwrap();
+    let (src, _) = listed(dir.path(), &vec![b'z'; 700_000]).await;
+    std::fs::hard_link(dir.path().join("incoming/t/a.csv"), dir.path().join("incoming/t/b.csv")).unwrap();
+    let (found, _) = src.list(INCOMING).await.unwrap();
+    let found = src.identify(INCOMING, found).await;
+    assert_eq!(found.len(), 2);
+    assert_eq!(found[0].etag, found[1].etag, "one content, one version");
+    let (a, b) = if found[0].key == "t/a.csv" {
+        (&found[0], &found[1])
+    } else {
+        (&found[1], &found[0])
+    };
+    let mut reader = src.open(b).await.unwrap().reader;
+    let mut first = vec![0u8; 1000];
+    tokio::io::AsyncReadExt::read_exact(&mut reader, &mut first)
+        .await
+        .unwrap();
+    assert_eq!(
+        src.move_as(INCOMING, PROCESSED, a, "t/a.csv").await.unwrap(),
+        MoveAs::Moved
+    );
+    let mut rest = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(&mut reader, &mut rest)
+        .await
+        .unwrap();
+    assert_eq!(first.len() + rest.len(), 700_000);
+    // And b, opened afresh after the move changed its ctime, is still the identified version.
+    assert_eq!(read_all(src.open(b).await.unwrap()).await.unwrap().len(), 700_000);
+}

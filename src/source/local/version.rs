@@ -214,7 +214,10 @@ impl AsyncRead for Verified {
             Poll::Ready(Ok(())) if buf.filled().len() == before && buf.remaining() > 0 => {
                 // EOF of the listed length (or earlier): is it still the listed file?
                 let now = this.watch.metadata().map(|m| StatKey::of(&m));
-                let unchanged = now.as_ref().is_ok_and(|k| *k == this.key) && this.inner.limit() == 0;
+                // Same inode, size and mtime: not appended to or rewritten. (Not ctime: a link
+                // made or removed elsewhere, such as the move of another name of this very
+                // file, moves it without touching a byte.)
+                let unchanged = now.as_ref().is_ok_and(|k| k.same_bytes(&this.key)) && this.inner.limit() == 0;
                 Poll::Ready(if unchanged {
                     Ok(())
                 } else {
