@@ -320,7 +320,10 @@ impl Scheduler {
                         _ = limiter.until_ready() => {}
                         _ = stop.cancelled() => return not_started(),
                     }
-                    let Some(unit) = worker.identify(unit).await else {
+                    // Boxed, as the panic's recording below: a tick dispatches up to
+                    // `max_files_per_tick` of these tasks at once, and each task's memory is its
+                    // future's largest state, which these would otherwise inline.
+                    let Some(unit) = Box::pin(worker.identify(unit)).await else {
                         return not_started();
                     };
                     // The versions loaded, for what a panic leaves to record.
@@ -336,7 +339,7 @@ impl Scheduler {
                     };
                     let outcomes = match load.await {
                         Ok(outcomes) => outcomes,
-                        Err(e) => worker.panicked(&versions, &panic_message(e)).await,
+                        Err(e) => Box::pin(worker.panicked(&versions, &panic_message(e))).await,
                     };
                     worker.status.load_ended();
                     if let Gate::Creates(tx) = &gate {
