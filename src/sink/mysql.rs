@@ -262,13 +262,23 @@ impl FileSink for MySqlSink {
             sqlx::query(AssertSqlSafe(sql)).execute(&self.pool).await.map_err(db)?;
             tracing::info!(db.table = %table, "created table");
         }
+        // The columns to add are the ones `information_schema` did not list just now. Plain
+        // `ADD COLUMN` (`IF NOT EXISTS` there is MariaDB's only: MySQL 8 refuses the syntax); a
+        // column another load added meanwhile answers "duplicate column" (1060, SQLSTATE
+        // 42S21), which is what this load wanted.
         for (column, ty) in &plan.add {
-            let sql = insert::add_column(&table, column, &column_type(column, *ty), true);
-            sqlx::query(AssertSqlSafe(sql)).execute(&self.pool).await.map_err(db)?;
-            tracing::info!(db.table = %table, db.column = %column, "added a column");
+            let sql = insert::add_column(&table, column, &column_type(column, *ty), false);
+            match sqlx::query(AssertSqlSafe(sql)).execute(&self.pool).await {
+                Ok(_) => tracing::info!(db.table = %table, db.column = %column, "added a column"),
+                Err(e) if is_duplicate_column(&e) => {
+                    tracing::info!(db.table = %table, db.column = %column, "the column was added meanwhile by another load")
+                }
+                Err(e) => return Err(db(e)),
+            }
         }
-        // Another load may have created the table or added a column first (IF NOT EXISTS then
-        // did nothing): write with the types the table has, not the ones this load planned.
+        // Another load may have created the table or added a column first (IF NOT EXISTS or the
+        // duplicate then did nothing): write with the types the table has, not the ones this
+        // load planned.
         let plan = if plan.create.is_some() || !plan.add.is_empty() {
             let (existing, actual) = self.table_columns(&table).await?;
             scales = actual;
@@ -406,8 +416,52 @@ fn type_of(data_type: &str) -> ColumnType {
     }
 }
 
+/// MySQL's and MariaDB's "Duplicate column name" (error 1060).
+fn is_duplicate_column(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|code| code == "42S21")
+}
+
 #[cfg(test)]
 mod tests {
+    /// The "column added meanwhile" answer, as the real server gives it: an `ADD COLUMN` (no
+    /// `IF NOT EXISTS`, which MySQL 8 lacks) of a column that exists. Needs `TEST_MYSQL_URL`
+    /// (`scripts/test` sets it, and runs the MariaDB suites only where the server answers).
+    #[tokio::test]
+    async fn a_column_added_twice_is_recognised_as_a_duplicate() {
+        let Ok(url) = std::env::var("TEST_MYSQL_URL") else {
+            eprintln!("TEST_MYSQL_URL not set: not run");
+            return;
+        };
+        let pool = sqlx::mysql::MySqlPoolOptions::new()
+            .max_connections(1)
+            .connect(&url)
+            .await
+            .unwrap();
+        let table = format!("dup_column_{}", std::process::id());
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE TABLE `{table}` (id BIGINT)")))
+            .execute(&pool)
+            .await
+            .unwrap();
+        let sql = super::insert::add_column(&table, "c", "TEXT", false).replace('"', "`");
+        let first = sqlx::query(sqlx::AssertSqlSafe(sql.clone())).execute(&pool).await;
+        let second = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&pool).await;
+        sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE `{table}`")))
+            .execute(&pool)
+            .await
+            .unwrap();
+        assert!(first.is_ok(), "{first:?}");
+        let e = second.expect_err("the second ADD COLUMN must fail");
+        assert!(super::is_duplicate_column(&e), "{e}");
+        // Another error is not taken for one.
+        let other = sqlx::query("SELECT * FROM no_such_table_here")
+            .execute(&pool)
+            .await
+            .unwrap_err();
+        assert!(!super::is_duplicate_column(&other), "{other}");
+    }
+
     #[test]
     fn offsets_become_utc_datetimes() {
         assert_eq!(
