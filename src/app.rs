@@ -183,8 +183,8 @@ impl App {
         Ok(summary)
     }
 
-    /// `check`: the store and the database answer. Returns one line per check.
-    /// `check`: each thing checked, and what was found (`Ok` with a note, possibly empty).
+    /// `check`: whether the store and the database answer, and how the store keeps names in
+    /// `processed/` and `failed/`. One line per check: `Ok` with a note (possibly empty).
     pub async fn check(&self) -> Vec<(String, Result<String, String>)> {
         let store = self
             .source
