@@ -457,12 +457,29 @@ async fn with_include_values_off_no_value_of_a_failed_file_reaches_reports_statu
     let mut typed = orders_csv(10, 3);
     typed.push_str("14,\"x\",secret-value-8812,true,2026-11-01\n");
     write_old(&d.join("data/incoming/orders/typed.csv"), typed.as_bytes());
-    let (status, stdout, stderr) = run(d, &["once"], &env);
-    assert_eq!(status.code(), Some(1), "{stdout}{stderr}");
-    assert!(
-        !stdout.contains("secret-value") && !stderr.contains("secret-value"),
-        "{stdout}{stderr}"
+    // Failed by the daemon, whose /status, page and log are what operators look at.
+    let loader = Loader::spawn(d, &env);
+    loader.wait_up().await;
+    wait_until(Duration::from_secs(30), "the typed file failed", || async {
+        loader.status().await["totals"]["files_failed"] == 1
+    })
+    .await;
+    let status_json = loader.status().await;
+    let failure = &status_json["recent_failures"][0]["error"];
+    assert_eq!(
+        (failure["kind"].as_str(), failure["column"].as_str()),
+        (Some("type"), Some("amount"))
     );
+    let page = reqwest::get(loader.url("/")).await.unwrap().text().await.unwrap();
+    assert!(page.contains("a value does not fit"), "the failure is on the page");
+    for (what, text) in [
+        ("/status", status_json.to_string()),
+        ("/", page),
+        ("the log", loader.log()),
+    ] {
+        assert!(!text.contains("secret-value"), "a value in {what}: {text}");
+    }
+    drop(loader);
     let report_text = std::fs::read_to_string(d.join("data/failed/orders/typed.csv.error.json")).unwrap();
     assert!(!report_text.contains("secret-value"), "{report_text}");
     let report: serde_json::Value = serde_json::from_str(&report_text).unwrap();

@@ -2,7 +2,7 @@
 //! being written (hidden or temp names, modified within `source.settle_time`) are not listed.
 //! Nothing outside the root is ever read or written: keys are joined component by component,
 //! `..` and absolute components are refused, and symbolic links are neither listed nor opened
-//! (`O_NOFOLLOW`, and the opened file must be the listed one: same device and inode).
+//! (`O_NOFOLLOW`, and the opened file must hold the identified version).
 //!
 //! A file's version is its content: the xxh3-128 hash of its bytes ([`LocalSource::identify`],
 //! cached per device, inode, size, mtime and ctime, so an unchanged file is hashed once). A

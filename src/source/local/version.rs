@@ -14,7 +14,8 @@ use std::time::SystemTime;
 use tokio::io::{AsyncRead, ReadBuf};
 
 /// What the file system says of a file. Equal keys mean unchanged bytes: a write moves mtime
-/// and ctime, and ctime cannot be set back.
+/// and ctime, and ctime cannot be set back. (ctime also moves without a byte changing, when a
+/// link to the file is made or removed: checks *during* a read compare [`StatKey::same_bytes`].)
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(super) struct StatKey {
     dev: u64,
@@ -70,7 +71,7 @@ impl Versions {
         let Some(version) = hash_exactly(file, key.size)? else {
             return Ok(None);
         };
-        if StatKey::of(&file.metadata()?) != *key {
+        if !StatKey::of(&file.metadata()?).same_bytes(key) {
             return Ok(None);
         }
         self.insert(*key, version.clone());
@@ -180,7 +181,7 @@ pub(super) fn copy_verified(from: &Path, to: &Path, listed: StatKey, etag: &str)
         Err(e) if is_not_a_file(&e) => return Ok(false),
         Err(e) => return Err(e),
     };
-    if StatKey::of(&src.metadata()?) != listed {
+    if !StatKey::of(&src.metadata()?).same_bytes(&listed) {
         return Ok(false);
     }
     let mut out = std::fs::OpenOptions::new().write(true).create_new(true).open(to)?;
@@ -189,7 +190,7 @@ pub(super) fn copy_verified(from: &Path, to: &Path, listed: StatKey, etag: &str)
         hasher.update(chunk);
         io::Write::write_all(&mut out, chunk)
     })?;
-    if !whole || version_text(&hasher) != etag || StatKey::of(&src.metadata()?) != listed {
+    if !whole || version_text(&hasher) != etag || !StatKey::of(&src.metadata()?).same_bytes(&listed) {
         return Ok(false);
     }
     out.sync_all()?;
