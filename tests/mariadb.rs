@@ -1,10 +1,12 @@
 //! The core scenarios against MariaDB: S3 (moto) through the real binary, CSV, JSON lines and
-//! zstd; bad files; a commit whose move failed; two loaders at once.
+//! zstd; bad files; a commit whose move failed; two loaders at once; a frozen loader's claim
+//! taken over.
 
 mod common;
 
 use std::time::Duration;
 
+use common::faults::{Fault, Rule, S3Proxy};
 use common::*;
 
 fn env(moto: &Moto, bucket: &str, db: &MyDb, extra: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -218,4 +220,80 @@ async fn a_file_whose_load_kills_the_loader_every_time_ends_in_failed_on_mariadb
     assert_eq!(report["error"]["kind"], "crashed_loader", "{report}");
     assert_eq!(bucket.keys("processed/").await, vec!["processed/orders/small.csv"]);
     assert_eq!(db.count("SELECT count(*) FROM orders").await, 3);
+}
+
+/// As on PostgreSQL: a loader frozen mid-load (SIGSTOP: its connections open, its named lock
+/// held, its rows uncommitted) keeps the file only until its lease runs out; then another
+/// loader ends the frozen loader's connection (which rolls its rows back) and loads the file,
+/// once. The frozen loader, woken, commits nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_frozen_loaders_claim_expires_and_another_loader_takes_the_file_once_on_mariadb() {
+    let moto = Moto::start();
+    let proxy = S3Proxy::start(&moto.endpoint).await;
+    let bucket = Bucket::create(&moto, "maria-frozen").await;
+    let db = MyDb::create("frozen").await;
+    bucket.put("incoming/orders/big.csv", orders_csv(1, 20_000)).await;
+    proxy.set_rules(vec![Rule {
+        method: Some("GET"),
+        path_contains: "big.csv".into(),
+        fault: Fault::Throttle(100_000),
+        rate: 1.0,
+    }]);
+    let mut env = env(&moto, "maria-frozen", &db, &[("LOADER_CLAIM__LEASE", "2s")]);
+    env.retain(|(k, _)| k != "AWS_ENDPOINT_URL");
+    env.extend(kv(&[("AWS_ENDPOINT_URL", &proxy.endpoint)]));
+
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Loader::spawn(dir_a.path(), &env);
+    a.wait_up().await;
+    wait_until(Duration::from_secs(30), "a load in flight", || async {
+        a.status().await["in_flight"] == 1
+    })
+    .await;
+    wait_until(Duration::from_secs(30), "the load reading the object", || async {
+        proxy.throttled_bytes.load(std::sync::atomic::Ordering::Relaxed) > 256 << 10
+    })
+    .await;
+    a.signal(libc::SIGSTOP); // frozen mid-load
+    proxy.set_rules(vec![]);
+    // Its lease is recorded against the connection that holds the file's lock.
+    assert_eq!(
+        db.count("SELECT count(*) FROM s3_sql_loader_files_claims c WHERE c.connection_id = IS_USED_LOCK(CONCAT('s3-sql-loader:', LEFT(c.file_id, 48)))")
+            .await,
+        1
+    );
+
+    let b = Loader::spawn(dir_b.path(), &env);
+    b.wait_up().await;
+    wait_until(
+        Duration::from_secs(60),
+        "the file loaded by the second loader",
+        || async { b.status().await["totals"]["files_loaded"] == 1 },
+    )
+    .await;
+    assert_eq!(db.count("SELECT count(*) FROM orders").await, 20_000);
+    assert!(
+        !b.log_events("the claim's lease expired: ended the holder's connection; its transaction rolls back")
+            .is_empty(),
+        "{}",
+        b.log()
+    );
+
+    a.signal(libc::SIGCONT);
+    wait_until(Duration::from_secs(60), "the first loader notices", || async {
+        let s = a.status().await;
+        s["totals"]["transient_errors"].as_u64().unwrap_or(0)
+            + s["totals"]["files_already_loaded"].as_u64().unwrap_or(0)
+            >= 1
+    })
+    .await;
+    assert!(a.log_events("loaded").is_empty(), "the frozen loader committed nothing");
+    assert_eq!(db.count("SELECT count(*) FROM orders").await, 20_000);
+    assert_eq!(db.count("SELECT count(DISTINCT id) FROM orders").await, 20_000);
+    assert_eq!(bucket.keys("processed/").await, ["processed/orders/big.csv"]);
+    assert_eq!(
+        db.count("SELECT count(*) FROM s3_sql_loader_files_claims").await,
+        0,
+        "the claim is released after the load"
+    );
 }

@@ -4,6 +4,7 @@
 //! ([`redshift`]).
 
 mod insert;
+mod lease;
 pub mod mysql;
 mod nodelay;
 mod plan;

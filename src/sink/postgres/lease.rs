@@ -4,19 +4,11 @@
 use sqlx::AssertSqlSafe;
 
 use super::PgSink;
+use crate::sink::lease::Heartbeat;
 
 /// The advisory lock key of a file: the first 64 bits of its id.
 pub(super) fn lock_key(id: &str) -> i64 {
     u64::from_str_radix(&id[..16], 16).unwrap_or(0) as i64
-}
-
-/// Keeps a claim's lease alive while its load runs; stops (and releases nothing) when dropped.
-pub(super) struct Heartbeat(tokio::task::JoinHandle<()>);
-
-impl Drop for Heartbeat {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 impl PgSink {
@@ -41,24 +33,19 @@ impl PgSink {
             "UPDATE {} SET expires_at = now() + make_interval(secs => $3) WHERE file_id = $1 AND backend_pid = $2",
             self.claims
         );
-        let (pool, id, period) = (self.pool.clone(), id.to_string(), self.options.lease / 3);
-        let task = tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(period);
-            ticks.tick().await;
-            loop {
-                ticks.tick().await;
-                let renewed = sqlx::query(AssertSqlSafe(renew.as_str()))
-                    .bind(&id)
+        let (pool, id) = (self.pool.clone(), id.to_string());
+        Ok(Heartbeat::start(self.options.lease / 3, move || {
+            let (pool, id, renew) = (pool.clone(), id.clone(), renew.clone());
+            async move {
+                sqlx::query(AssertSqlSafe(renew))
+                    .bind(id)
                     .bind(pid)
                     .bind(lease)
                     .execute(&pool)
-                    .await;
-                if let Err(e) = renewed {
-                    tracing::warn!(error.message = %e, "could not renew the claim's lease");
-                }
+                    .await
+                    .map(|_| ())
             }
-        });
-        Ok(Heartbeat(task))
+        }))
     }
 
     pub(super) async fn release_claim(&self, id: &str, pid: i32) {

@@ -4,7 +4,7 @@
 //! Tables are created and columns added in the load's transaction, under a per-table lock.
 
 mod copy;
-pub use copy::encode_csv;
+pub use copy::{copy_error, encode_csv};
 mod lease;
 
 use std::str::FromStr;
@@ -12,8 +12,9 @@ use std::str::FromStr;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, PgConnection, Postgres, Transaction};
 
-use self::lease::{Heartbeat, lock_key};
+use self::lease::lock_key;
 use super::insert::{add_column, create_table};
+use super::lease::Heartbeat;
 use super::protocol::{Dialect, FileSink, Ledger};
 use super::{FileRef, Plan, SinkOptions, db_error, plan_load, quote_ident};
 use crate::config::Config;

@@ -9,8 +9,10 @@
 //!
 //! Claims: a named lock (`GET_LOCK`, tried without waiting) held by the connection that runs
 //! the load's transaction, released after it ends. A loader that dies releases its claims when
-//! its connections close; a frozen loader keeps them until the server drops its connection
-//! (`wait_timeout`). The takeover of expired leases is PostgreSQL's only.
+//! its connections close; a frozen loader's claims are taken over when their lease runs out
+//! (see [`lease`]).
+
+mod lease;
 
 use std::str::FromStr;
 
@@ -19,6 +21,7 @@ use sqlx::pool::PoolConnection;
 use sqlx::{AssertSqlSafe, Transaction};
 
 use super::insert::{self, Insert};
+use super::lease::Heartbeat;
 use super::protocol::{Dialect, FileSink, Ledger};
 use super::{FileRef, Lineage, SinkOptions, db_error, open_rows, plan_load, quote_ident};
 use crate::config::Config;
@@ -44,6 +47,9 @@ const DIALECT: Dialect = Dialect {
 pub struct MySqlClaim {
     conn: Option<PoolConnection<MySql>>,
     name: String,
+    /// The server's id of that connection (`CONNECTION_ID()`), as the lease records it.
+    connection: u64,
+    heartbeat: Option<Heartbeat>,
 }
 
 impl Drop for MySqlClaim {
@@ -68,6 +74,8 @@ pub struct MySqlSink {
     pool: MySqlPool,
     options: SinkOptions,
     ledger: Ledger<MySql>,
+    /// Quoted name of the claims table: which connection holds which file, until when.
+    claims: String,
 }
 
 impl MySqlSink {
@@ -99,7 +107,13 @@ impl MySqlSink {
             })
             .connect_lazy_with(connect);
         let ledger = Ledger::new(pool.clone(), &options, DIALECT, None);
-        Ok(MySqlSink { pool, options, ledger })
+        let claims = quote_ident(&format!("{}_claims", options.ledger.trim_matches('"')));
+        Ok(MySqlSink {
+            pool,
+            options,
+            ledger,
+            claims,
+        })
     }
 
     pub(crate) fn ledger(&self) -> &Ledger<MySql> {
@@ -138,6 +152,19 @@ impl MySqlSink {
                 updated_at    DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
                 KEY source_key (source(191), object_key(191))
             ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4"
+        )))
+        .execute(&self.pool)
+        .await?;
+        // Leases: see `lease`. Times are the server's, in UTC (the sessions' time zone).
+        sqlx::query(AssertSqlSafe(format!(
+            "CREATE TABLE IF NOT EXISTS {} (
+                file_id       CHAR(64) CHARACTER SET ascii NOT NULL PRIMARY KEY,
+                owner         VARCHAR(255) NOT NULL,
+                connection_id BIGINT UNSIGNED NOT NULL,
+                claimed_at    DATETIME(6) NOT NULL,
+                expires_at    DATETIME(6) NOT NULL
+            ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4",
+            self.claims
         )))
         .execute(&self.pool)
         .await?;
@@ -184,11 +211,27 @@ impl FileSink for MySqlSink {
     async fn claim(&self, id: &str) -> Result<Option<MySqlClaim>, sqlx::Error> {
         let mut conn = self.pool.acquire().await?;
         let name = lock_name(id);
-        let got: Option<i64> = sqlx::query_scalar("SELECT CAST(GET_LOCK(?, 0) AS SIGNED)")
-            .bind(&name)
-            .fetch_one(&mut *conn)
-            .await?;
-        Ok((got == Some(1)).then(|| MySqlClaim { conn: Some(conn), name }))
+        let (got, connection): (Option<i64>, u64) =
+            sqlx::query_as("SELECT CAST(GET_LOCK(?, 0) AS SIGNED), CAST(CONNECTION_ID() AS UNSIGNED)")
+                .bind(&name)
+                .fetch_one(&mut *conn)
+                .await?;
+        if got != Some(1) {
+            drop(conn);
+            self.take_over_if_expired(id, &name).await?;
+            return Ok(None);
+        }
+        Ok(Some(MySqlClaim {
+            conn: Some(conn),
+            name,
+            connection,
+            heartbeat: None,
+        }))
+    }
+
+    async fn hold(&self, claim: &mut MySqlClaim, id: &str) -> Result<(), sqlx::Error> {
+        claim.heartbeat = Some(self.hold_claim(id, claim.connection).await?);
+        Ok(())
     }
 
     async fn begin<'c>(&'c self, claim: &'c mut MySqlClaim) -> Result<Transaction<'c, MySql>, sqlx::Error> {
@@ -346,7 +389,11 @@ impl FileSink for MySqlSink {
     }
 
     /// After the transaction ended (a rollback still pending runs first, on the same connection).
-    async fn release(&self, mut claim: MySqlClaim, _id: &str) {
+    async fn release(&self, mut claim: MySqlClaim, id: &str) {
+        if let Some(heartbeat) = claim.heartbeat.take() {
+            drop(heartbeat);
+            self.release_claim(id, claim.connection).await;
+        }
         let Some(mut conn) = claim.conn.take() else { return };
         let released = sqlx::query("DO RELEASE_LOCK(?)")
             .bind(&claim.name)
