@@ -39,13 +39,28 @@ async fn a_batch_loads_by_manifest_in_one_transaction_and_a_bad_file_fails_alone
     bad.push_str("103,x,1.5,maybe,2026-11-01\n");
     bucket.put("incoming/orders/c-bad.csv", bad).await;
     let dir = tempfile::tempdir().unwrap();
-    let loader = Loader::spawn(dir.path(), &env(moto.env(), &moto.endpoint, "warehouse", &db));
+    // One attempt each: the good files must load in the tick the bad one failed, not by retries.
+    let mut env = env(moto.env(), &moto.endpoint, "warehouse", &db);
+    env.extend(kv(&[("LOADER_RETRY__MAX_ATTEMPTS", "1")]));
+    let loader = Loader::spawn(dir.path(), &env);
     loader.wait_up().await;
     wait_until(Duration::from_secs(60), "2 loaded, 1 failed", || async {
         let s = loader.status().await;
         s["totals"]["files_loaded"] == 2 && s["totals"]["files_failed"] == 1
     })
     .await;
+    // The bad file was named by the COPY's own session's rows in stl_load_errors (which the
+    // emulation writes as Redshift does, under the COPY's backend pid), read on that connection.
+    assert_eq!(
+        db.count("SELECT count(DISTINCT session)::bigint FROM stl_load_errors WHERE filename LIKE '%/c-bad.csv%'")
+            .await,
+        1
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM s3_sql_loader_files WHERE state = 'loaded' AND attempts = 1")
+            .await,
+        2
+    );
     assert!(bucket.keys("incoming/").await.is_empty());
     assert_eq!(
         bucket.keys("processed/").await,
@@ -53,7 +68,15 @@ async fn a_batch_loads_by_manifest_in_one_transaction_and_a_bad_file_fails_alone
     );
     let report: serde_json::Value =
         serde_json::from_slice(&bucket.get("failed/orders/c-bad.csv.error.json").await).unwrap();
-    assert_eq!(report["error"]["kind"], "type", "{report}");
+    assert_eq!(report["error"]["kind"], "database", "{report}");
+    assert_eq!(report["error"]["line"], 5, "{report}");
+    assert!(
+        report["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Redshift rejected the file: "),
+        "{report}"
+    );
     assert_eq!(db.count("SELECT count(*) FROM orders").await, 50);
     assert_eq!(db.count("SELECT count(*) FROM orders WHERE id >= 100").await, 0);
     assert_eq!(
@@ -227,4 +250,193 @@ async fn a_batch_whose_file_cannot_be_read_ends_in_failed_after_max_attempts() {
     let history = report["error"]["history"].as_array().unwrap();
     assert_eq!(history.len(), 3, "{report}");
     assert!(history.iter().all(|a| a["stage"] == "get"), "{report}");
+}
+
+/// A permanent problem of one file (its header, its columns against the table) fails that file
+/// alone, even when it comes first in its batch; the batch's other files load in the same tick.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_with_a_permanent_problem_fails_alone_even_first_in_its_batch() {
+    let moto = Moto::start();
+    let bucket = Bucket::create(&moto, "warehouse-first").await;
+    let db = PgDb::create("redshift_first").await;
+    sqlx::query("CREATE TABLE orders (id bigint, customer varchar(65535), amount varchar(65535), paid boolean, created_on date)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    bucket.put("incoming/orders/a-dup.csv", "id,id\n1,2\n").await;
+    let mut extra = String::from("id,customer,amount,paid,created_on,extra\n");
+    extra.push_str("9,x,1.00,true,2026-11-01,e\n");
+    bucket.put("incoming/orders/b-extra.csv", extra).await;
+    bucket.put("incoming/orders/c.csv", orders_csv(1, 10)).await;
+    bucket.put("incoming/orders/d.csv", orders_csv(11, 5)).await;
+    let mut env = env(moto.env(), &moto.endpoint, "warehouse-first", &db);
+    env.extend(kv(&[("LOADER_RETRY__MAX_ATTEMPTS", "1")]));
+    let dir = tempfile::tempdir().unwrap();
+    let (status, stdout, stderr) = run(dir.path(), &["once"], &env);
+    assert_eq!(status.code(), Some(1), "two files failed\n{stdout}{stderr}");
+    assert_eq!(
+        bucket.keys("processed/").await,
+        ["processed/orders/c.csv", "processed/orders/d.csv"],
+        "{stdout}{stderr}"
+    );
+    let report = |key: &'static str| {
+        let bucket = &bucket;
+        async move { serde_json::from_slice::<serde_json::Value>(&bucket.get(key).await).unwrap() }
+    };
+    let dup = report("failed/orders/a-dup.csv.error.json").await;
+    assert_eq!(dup["error"]["kind"], "schema", "{dup}");
+    assert!(
+        dup["error"]["message"].as_str().unwrap().contains("appears twice"),
+        "{dup}"
+    );
+    let extra = report("failed/orders/b-extra.csv.error.json").await;
+    assert_eq!(extra["error"]["kind"], "schema", "{extra}");
+    assert_eq!(extra["error"]["column"], "extra", "{extra}");
+    assert_eq!(db.count("SELECT count(*) FROM orders").await, 15);
+    assert_eq!(
+        db.count("SELECT count(*) FROM s3_sql_loader_files WHERE state = 'loaded' AND attempts = 1")
+            .await,
+        2
+    );
+}
+
+/// Redshift maps CSV fields to the COPY's columns by position (as the emulation does): files
+/// whose headers order the columns differently never share a COPY, so each value lands in its
+/// own column.
+#[tokio::test(flavor = "multi_thread")]
+async fn csv_files_with_columns_in_another_order_load_each_value_into_its_column() {
+    let moto = Moto::start();
+    let bucket = Bucket::create(&moto, "warehouse-order").await;
+    let db = PgDb::create("redshift_order").await;
+    bucket.put("incoming/pairs/a.csv", "a,b\n1,2\n").await;
+    bucket.put("incoming/pairs/b.csv", "b,a\n3,4\n").await;
+    let dir = tempfile::tempdir().unwrap();
+    let env = env(moto.env(), &moto.endpoint, "warehouse-order", &db);
+    let (status, stdout, stderr) = run(dir.path(), &["once"], &env);
+    assert_eq!(status.code(), Some(0), "{stdout}{stderr}");
+    assert_eq!(db.count("SELECT count(*) FROM pairs").await, 2);
+    assert_eq!(db.count("SELECT count(*) FROM pairs WHERE a = 1 AND b = 2").await, 1);
+    assert_eq!(db.count("SELECT count(*) FROM pairs WHERE a = 4 AND b = 3").await, 1);
+    // One COPY (one manifest) per header.
+    assert_eq!(bucket.keys("manifests/pairs/").await.len(), 2);
+}
+
+/// JSON: each group of files with the same keys is loaded with a JSONPaths file naming the keys
+/// as written, so `Amount` fills column `amount` in whatever order the keys come; a key the
+/// table lacks fails its file with a report instead of being dropped.
+#[tokio::test(flavor = "multi_thread")]
+async fn json_keys_map_to_their_columns_in_any_case_and_order_and_a_new_key_fails_its_file() {
+    let moto = Moto::start();
+    let bucket = Bucket::create(&moto, "warehouse-json").await;
+    let db = PgDb::create("redshift_json").await;
+    bucket
+        .put(
+            "incoming/events/x.jsonl",
+            "{\"id\": 1, \"Amount\": \"5.00\"}\n{\"id\": 2, \"Amount\": \"0.10\"}\n",
+        )
+        .await;
+    bucket
+        .put("incoming/events/y.jsonl", "{\"Amount\": \"6.10\", \"id\": 3}\n")
+        .await;
+    bucket
+        .put(
+            "incoming/events/z.jsonl",
+            "{\"id\": 4, \"Amount\": \"7\", \"note\": \"new\"}\n",
+        )
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let env = env(moto.env(), &moto.endpoint, "warehouse-json", &db);
+    let (status, stdout, stderr) = run(dir.path(), &["once"], &env);
+    assert_eq!(status.code(), Some(1), "z failed\n{stdout}{stderr}");
+    let rows: Vec<(i64, Option<String>)> = sqlx::query_as("SELECT id, amount FROM events ORDER BY id")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        rows,
+        [
+            (1, Some("5.00".to_string())),
+            (2, Some("0.10".to_string())),
+            (3, Some("6.10".to_string()))
+        ]
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&bucket.get("failed/events/z.jsonl.error.json").await).unwrap();
+    assert_eq!(report["error"]["kind"], "schema", "{report}");
+    assert_eq!(report["error"]["column"], "note", "{report}");
+    // The JSONPaths files beside the manifests name the keys as the files wrote them.
+    let mut paths = Vec::new();
+    for key in bucket.keys("manifests/events/").await {
+        if key.ends_with(".jsonpaths") {
+            let v: serde_json::Value = serde_json::from_slice(&bucket.get(&key).await).unwrap();
+            paths.push(v["jsonpaths"].clone());
+        }
+    }
+    paths.sort_by_key(|p| p.to_string());
+    // (z failed before any COPY: no paths file of its own.)
+    assert_eq!(
+        paths,
+        [
+            serde_json::json!(["$['Amount']", "$['id']"]),
+            serde_json::json!(["$['id']", "$['Amount']"]),
+        ]
+    );
+}
+
+/// Redshift's COPY reads whatever a key holds when it runs. A file overwritten after it was
+/// listed, while its batch loads, must not be recorded as loaded under the listed version: the
+/// batch is rolled back and the new version loads, once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_overwritten_while_its_batch_loads_is_loaded_once_as_its_new_version() {
+    let moto = Moto::start();
+    let proxy = S3Proxy::start(&moto.endpoint).await;
+    let bucket = Bucket::create(&moto, "warehouse-overwrite").await;
+    let db = PgDb::create("redshift_overwrite").await;
+    bucket.put("incoming/orders/a.csv", orders_csv(1, 20_000)).await;
+    bucket.put("incoming/orders/b.csv", orders_csv(100_001, 3)).await;
+    // The COPY reads a.csv slowly, then b.csv.
+    proxy.set_rules(vec![Rule {
+        method: Some("GET"),
+        path_contains: "incoming/orders/a.csv".into(),
+        fault: Fault::Throttle(300_000),
+        rate: 1.0,
+    }]);
+    let dir = tempfile::tempdir().unwrap();
+    let loader = Loader::spawn(
+        dir.path(),
+        &env(moto.env(), &proxy.endpoint, "warehouse-overwrite", &db),
+    );
+    loader.wait_up().await;
+    wait_until(Duration::from_secs(60), "the batch's COPY started", || async {
+        !bucket.keys("manifests/orders/").await.is_empty()
+    })
+    .await;
+    bucket.put("incoming/orders/b.csv", orders_csv(200_001, 5)).await;
+    proxy.set_rules(vec![]);
+    wait_until(Duration::from_secs(90), "both moved", || async {
+        bucket.keys("incoming/").await.is_empty()
+    })
+    .await;
+    assert_eq!(db.count("SELECT count(*) FROM orders").await, 20_005);
+    assert_eq!(
+        db.count("SELECT count(*) FROM orders WHERE id > 100000 AND id < 200000")
+            .await,
+        0
+    );
+    assert_eq!(db.count("SELECT count(DISTINCT id) FROM orders").await, 20_005);
+    assert_eq!(
+        db.count("SELECT count(*) FROM s3_sql_loader_files WHERE object_key = 'orders/b.csv' AND state = 'loaded' AND row_count = 5")
+            .await,
+        1
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM s3_sql_loader_files WHERE object_key = 'orders/b.csv' AND state = 'loaded'")
+            .await,
+        1
+    );
+    assert!(
+        loader.log().contains("orders/b.csv changed while its batch loaded"),
+        "{}",
+        loader.log()
+    );
 }

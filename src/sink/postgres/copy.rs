@@ -299,7 +299,7 @@ pub fn encode_csv(batch: &Batch, lineage: Option<&Lineage>, out: &mut Vec<u8>) {
 
 /// A COPY error with the record and column from PostgreSQL's context when it gives them.
 /// COPY's "line" counts records, including `header_lines` header lines.
-fn copy_error(e: sqlx::Error, columns: &[String], header_lines: u64) -> LoadError {
+pub fn copy_error(e: sqlx::Error, columns: &[String], header_lines: u64) -> LoadError {
     let context = e
         .as_database_error()
         .and_then(|d| d.try_downcast_ref::<PgDatabaseError>())

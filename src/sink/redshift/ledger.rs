@@ -3,6 +3,7 @@
 //! times are bound by the loader (no function common to Redshift and the PostgreSQL the tests
 //! use stands in).
 
+use sqlx::postgres::PgConnection;
 use sqlx::{AssertSqlSafe, Postgres, Transaction};
 
 use super::{BatchOutcome, RedshiftSink, db};
@@ -24,8 +25,12 @@ impl RedshiftSink {
             self.options.ledger
         )))
         .execute(&self.pool)
-        .await
-        .map(|_| ())
+        .await?;
+        #[cfg(feature = "redshift-emulation")]
+        if self.config.copy == crate::config::redshift::CopyMode::PostgresEmulation {
+            super::copy::Emulated::create_log(&self.pool).await?;
+        }
+        Ok(())
     }
 
     pub async fn reset_failed(&self, source: &str, key: &str) -> Result<u64, sqlx::Error> {
@@ -71,7 +76,7 @@ impl RedshiftSink {
     /// of attempts); returns their outcomes and the files left to load.
     pub(super) async fn pending<'f>(
         &self,
-        tx: &mut Transaction<'static, Postgres>,
+        tx: &mut PgConnection,
         source: &Source,
         files: &'f [ObjectMeta],
         table: &String,
@@ -86,7 +91,7 @@ impl RedshiftSink {
                 "SELECT state, row_count, error, CAST(attempts AS BIGINT), history FROM {ledger} WHERE file_id = $1"
             )))
             .bind(&id)
-            .fetch_one(&mut **tx)
+            .fetch_one(&mut *tx)
             .await
             .map_err(db)?;
             if let Some(done) = outcome_of_state(&state, rows, error) {
@@ -103,11 +108,7 @@ impl RedshiftSink {
     }
 
     /// Counts an attempt at a pending file.
-    pub(super) async fn count_attempt(
-        &self,
-        tx: &mut Transaction<'static, Postgres>,
-        id: &str,
-    ) -> Result<(), LoadError> {
+    pub(super) async fn count_attempt(&self, tx: &mut PgConnection, id: &str) -> Result<(), LoadError> {
         sqlx::query(AssertSqlSafe(format!(
             "UPDATE {} SET attempts = attempts + 1, claimed_by = $2, updated_at = $3 WHERE file_id = $1 AND state = 'pending'",
             self.options.ledger
@@ -115,7 +116,7 @@ impl RedshiftSink {
         .bind(id)
         .bind(&self.options.owner)
         .bind(chrono::Utc::now())
-        .execute(&mut **tx)
+        .execute(&mut *tx)
         .await
         .map_err(db)?;
         Ok(())
@@ -124,7 +125,7 @@ impl RedshiftSink {
     /// Of `todo` (counted already), the files still pending; the outcomes of the others.
     pub(super) async fn still_pending<'f>(
         &self,
-        tx: &mut Transaction<'static, Postgres>,
+        tx: &mut PgConnection,
         source: &Source,
         todo: Vec<&'f ObjectMeta>,
     ) -> Result<(BatchOutcome, Vec<&'f ObjectMeta>), LoadError> {
@@ -136,7 +137,7 @@ impl RedshiftSink {
                 self.options.ledger
             )))
             .bind(file_id(source.id(), f))
-            .fetch_one(&mut **tx)
+            .fetch_one(&mut *tx)
             .await
             .map_err(db)?;
             match outcome_of_state(&state, rows, error) {
@@ -149,7 +150,7 @@ impl RedshiftSink {
 
     pub(super) async fn set_loaded(
         &self,
-        tx: &mut Transaction<'static, Postgres>,
+        tx: &mut PgConnection,
         id: &str,
         rows: u64,
         table: &str,
@@ -164,7 +165,7 @@ impl RedshiftSink {
         .bind(table)
         .bind(&self.options.owner)
         .bind(chrono::Utc::now())
-        .execute(&mut **tx)
+        .execute(&mut *tx)
         .await
         .map_err(db)?;
         Ok(())
@@ -173,16 +174,22 @@ impl RedshiftSink {
     /// A transaction holding the ledger's lock: replicas take turns.
     pub(super) async fn lock(&self) -> Result<Transaction<'static, Postgres>, LoadError> {
         let mut tx = self.pool.begin().await.map_err(db)?;
+        self.lock_ledger(&mut tx).await?;
+        Ok(tx)
+    }
+
+    /// Takes the ledger's lock in the transaction open on `tx`.
+    pub(super) async fn lock_ledger(&self, tx: &mut PgConnection) -> Result<(), LoadError> {
         sqlx::query(AssertSqlSafe(format!("LOCK {}", self.options.ledger)))
             .execute(&mut *tx)
             .await
             .map_err(db)?;
-        Ok(tx)
+        Ok(())
     }
 
     pub(super) async fn ensure_row(
         &self,
-        tx: &mut Transaction<'static, Postgres>,
+        tx: &mut PgConnection,
         source: &Source,
         f: &ObjectMeta,
     ) -> Result<(), LoadError> {
@@ -198,7 +205,7 @@ impl RedshiftSink {
         .bind(&f.etag)
         .bind(f.size as i64)
         .bind(now)
-        .execute(&mut **tx)
+        .execute(&mut *tx)
         .await
         .map_err(|e| db_error(e, Stage::Database))?;
         Ok(())
@@ -206,7 +213,7 @@ impl RedshiftSink {
 
     pub(super) async fn set_failed(
         &self,
-        tx: &mut Transaction<'static, Postgres>,
+        tx: &mut PgConnection,
         id: &str,
         error: &FileError,
         table: Option<&String>,
@@ -221,7 +228,7 @@ impl RedshiftSink {
         .bind(table)
         .bind(&self.options.owner)
         .bind(chrono::Utc::now())
-        .execute(&mut **tx)
+        .execute(&mut *tx)
         .await
         .map_err(|e| db_error(e, Stage::Database))?;
         Ok(())

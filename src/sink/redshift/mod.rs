@@ -1,33 +1,45 @@
-//! Amazon Redshift, by its own fast path: per tick and per target table, one manifest object
-//! listing the batch's files is written to the bucket, then ONE transaction locks the ledger,
-//! records the files, runs `COPY table FROM 's3://…/manifest' IAM_ROLE … MANIFEST`, marks the
-//! files loaded with the row counts Redshift reports, and commits; only then are the files
-//! moved. Redshift has no `SKIP LOCKED`: `LOCK` on the ledger makes replicas take turns, which
-//! suits its batch loading. A COPY that fails names the bad file(s) in `stl_load_errors`:
-//! those are recorded as failed, the others stay pending for the next tick.
+//! Amazon Redshift, by its own fast path: per tick and per target table, the batch's files are
+//! first checked one by one (header, columns, a sample: a file with a permanent problem fails
+//! alone) and grouped by header; for each group one manifest object listing its files is written
+//! to the bucket, then ONE transaction locks the ledger, runs `COPY table FROM
+//! 's3://…/manifest' IAM_ROLE … MANIFEST`, checks that every key still holds the version that was
+//! listed, marks the files loaded with the row counts Redshift reports, and commits; only then
+//! are the files moved. Redshift has no `SKIP LOCKED`: `LOCK` on the ledger makes replicas take
+//! turns, which suits its batch loading. A COPY that fails names the bad file in its own
+//! session's rows of `stl_load_errors`, read on the COPY's connection after the rollback: that
+//! file is recorded as failed, and the others are loaded again at once (see [`group`]).
+//!
+//! CSV files are mapped to columns by position, as Redshift does, which is why a group's files
+//! share one header. JSON files are mapped by a JSONPaths file written beside the manifest, one
+//! path per column holding the key as the files spell it.
 //!
 //! Redshift cannot run where this project is tested. The SQL and the manifest are checked by
 //! unit tests; the transaction flow runs in the tests against PostgreSQL, with
 //! `redshift.copy = "postgres-emulation"` standing in for the one statement PostgreSQL does not
-//! have (COPY from S3 by manifest): it reads the manifest back from the store and copies each
-//! listed file into the table, inside the same transaction. Nothing else differs. The
-//! emulation is compiled only with the `redshift-emulation` feature, which the tests enable;
-//! the released binary does not have it.
+//! have (COPY from S3 by manifest) and for the two system tables the flow reads: it reads the
+//! manifest back from the store and copies each listed file into the table, inside the same
+//! transaction, mapping fields as Redshift does (CSV by position, JSON by its paths), and
+//! records a rejected file in a `stl_load_errors` table under the COPY's session, on another
+//! connection, as Redshift's own log does. Nothing else differs. The emulation is compiled only
+//! with the `redshift-emulation` feature, which the tests enable; the released binary does not
+//! have it.
 
 use std::collections::HashMap;
 use std::str::FromStr;
 
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{AssertSqlSafe, Postgres, Transaction};
+use sqlx::AssertSqlSafe;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 
 mod copy;
+mod group;
 mod ledger;
 
-use self::copy::{Copied, read_header};
-pub use self::copy::{Manifest, ManifestEntry, ManifestMeta, copy_statement, sql_type};
+use self::copy::read_header;
+pub use self::copy::{Manifest, ManifestEntry, ManifestMeta, copy_statement, json_paths, sql_type};
+use self::group::Group;
 use super::{LoadOutcome, SinkOptions, db_error, file_columns, quote_ident};
 use crate::config::Config;
-use crate::config::redshift::{CopyMode, RedshiftConfig};
+use crate::config::redshift::RedshiftConfig;
 use crate::error::{FileError, FileErrorKind, LoadError, Stage};
 use crate::format::{self, Compression, Format};
 use crate::routes::{LoadSpec, Routes};
@@ -112,7 +124,8 @@ impl RedshiftSink {
         self.pool.close().await
     }
 
-    /// Loads a batch in one COPY. See the module docs.
+    /// Loads a batch: each file is checked on its own, then one COPY per group of files with
+    /// the same header. See the module docs.
     pub async fn load_batch(&self, source: &Source, batch: RedshiftBatch) -> BatchOutcome {
         match self.try_batch(source, &batch).await {
             Ok(outcomes) => outcomes,
@@ -128,9 +141,9 @@ impl RedshiftSink {
         }
     }
 
-    /// One COPY for the batch's files that still need loading, in one transaction under the
-    /// ledger's lock: settle what the ledger already knows, create the table, write the
-    /// manifest, COPY, then record each file's outcome.
+    /// Settles what the ledger already knows and counts the attempts; then reads each file's
+    /// header and a sample (outside the ledger's lock): a file with a permanent problem fails
+    /// alone, and the others are grouped by header, each group loaded by one COPY.
     async fn try_batch(&self, source: &Source, batch: &RedshiftBatch) -> Result<BatchOutcome, LoadError> {
         let table = match &batch.spec.table {
             Ok(t) => t.clone(),
@@ -145,58 +158,46 @@ impl RedshiftSink {
             self.count_attempt(&mut tx, &super::file_id(source.id(), f)).await?;
         }
         tx.commit().await.map_err(db)?;
-        if todo.is_empty() {
-            return Ok(out);
-        }
-        // The columns and a sample from the first file to load (one route, one format: one
-        // header), read outside the ledger's lock.
-        let (columns, fixed, sample) = read_header(source, todo[0], &batch.spec).await?;
-        let mut tx = self.lock().await?;
-        // Between the two transactions another replica may have loaded some of them.
-        let (settled, todo) = self.still_pending(&mut tx, source, todo).await?;
-        out.extend(settled);
-        if todo.is_empty() {
-            tx.commit().await.map_err(db)?;
-            return Ok(out);
-        }
-        let names = file_columns(&columns)?;
-        self.ensure_table(&mut tx, &table, &names, &fixed, sample.as_ref(), &batch.spec)
-            .await?;
-        let (manifest, manifest_path) = self.write_manifest(source, &table, &todo).await?;
-        let statement = copy_statement(
-            &table,
-            &names,
-            &source.location("", &manifest_path),
-            &self.config,
-            batch.format,
-            &batch.spec.format,
-            batch.compression,
-        );
-        let copied = match self.config.copy {
-            CopyMode::Redshift => self.copy_redshift(&mut tx, &statement).await?,
-            #[cfg(feature = "redshift-emulation")]
-            CopyMode::PostgresEmulation => {
-                copy::emulate_copy(&mut tx, source, &table, &names, &manifest, &batch.spec, &todo).await?
+        let mut groups: Vec<Group> = Vec::new();
+        let mut bad = Vec::new();
+        for f in todo {
+            let checked = read_header(source, f, &batch.spec)
+                .await
+                .and_then(|(header, fixed, sample)| Ok((file_columns(&header)?, header, fixed, sample)));
+            match checked {
+                Ok((columns, header, fixed, sample)) => match groups.iter_mut().find(|g| g.header == header) {
+                    Some(group) => group.files.push(f),
+                    None => groups.push(Group {
+                        header,
+                        columns,
+                        fixed,
+                        sample,
+                        files: vec![f],
+                    }),
+                },
+                Err(LoadError::Permanent(e)) => bad.push((f, e)),
+                Err(e) => out.push((f.clone(), Err(e))),
             }
-        };
-        #[cfg(not(feature = "redshift-emulation"))]
-        let _ = &manifest;
-        match copied {
-            Copied::Rows(rows_by_url) => {
-                for f in &todo {
-                    let url = source.location(INCOMING, &f.key);
-                    let rows = rows_by_url.get(&url).copied().unwrap_or(0);
-                    self.set_loaded(&mut tx, &super::file_id(source.id(), f), rows, &table)
-                        .await?;
-                    out.push(((*f).clone(), Ok(LoadOutcome::Loaded { rows })));
+        }
+        if !bad.is_empty() {
+            out.extend(self.record_failed(source, &bad, Some(&table)).await?);
+        }
+        for group in &groups {
+            match self.load_group(source, batch, &table, group).await {
+                Ok(done) => out.extend(done),
+                Err(LoadError::Permanent(e)) => {
+                    let bad: Vec<_> = group.files.iter().map(|f| (*f, e.clone())).collect();
+                    out.extend(self.record_failed(source, &bad, Some(&table)).await?);
                 }
-                tx.commit().await.map_err(db)?;
-            }
-            Copied::Rejected(bad) => {
-                // The COPY rolled back whole: record the files it named as failed, in a new
-                // transaction; the others are left pending for the next tick.
-                drop(tx);
-                out.extend(self.record_rejected(source, &todo, &bad, &table).await?);
+                Err(e) => {
+                    let (stage, message) = (e.stage(), e.to_string());
+                    out.extend(
+                        group
+                            .files
+                            .iter()
+                            .map(|f| ((*f).clone(), Err(LoadError::transient(stage, &message)))),
+                    );
+                }
             }
         }
         Ok(out)
@@ -247,39 +248,26 @@ impl RedshiftSink {
         Ok((manifest, path))
     }
 
-    /// After a COPY that rejected files: those it named are failed; the others stay pending.
-    async fn record_rejected(
+    /// Beside the manifest, the JSONPaths file of a JSON COPY: one path per column, each the
+    /// key as the files write it (so `Amount` fills column `amount`, which `'auto'` would
+    /// leave NULL). Returns its key and the keys.
+    async fn write_json_paths(
         &self,
         source: &Source,
-        todo: &[&ObjectMeta],
-        bad: &HashMap<String, FileError>,
-        table: &String,
-    ) -> Result<BatchOutcome, LoadError> {
-        let mut tx = self.lock().await?;
-        let mut out = Vec::new();
-        for f in todo {
-            match bad.get(&source.location(INCOMING, &f.key)) {
-                Some(error) => {
-                    self.set_failed(&mut tx, &super::file_id(source.id(), f), error, Some(table))
-                        .await?;
-                    out.push(((*f).clone(), Ok(LoadOutcome::Failed(error.clone()))));
-                }
-                None => out.push((
-                    (*f).clone(),
-                    Err(LoadError::transient(
-                        Stage::Database,
-                        "another file of its batch failed the COPY; retried next tick",
-                    )),
-                )),
-            }
-        }
-        tx.commit().await.map_err(db)?;
-        Ok(out)
+        manifest_path: &str,
+        keys: &[String],
+    ) -> Result<(String, Vec<String>), LoadError> {
+        let path = format!("{}.jsonpaths", manifest_path.trim_end_matches(".manifest"));
+        source
+            .put(&path, json_paths(keys).into_bytes())
+            .await
+            .map_err(|e| e.into_load_error(Stage::Report))?;
+        Ok((path, keys.to_vec()))
     }
 
     async fn ensure_table(
         &self,
-        tx: &mut Transaction<'static, Postgres>,
+        tx: &mut PgConnection,
         table: &str,
         columns: &[String],
         fixed: &[Option<ColumnType>],
@@ -291,7 +279,7 @@ impl RedshiftSink {
             "SELECT CAST(column_name AS VARCHAR) FROM information_schema.columns WHERE table_schema = current_schema() AND table_name = $1",
         )
         .bind(table)
-        .fetch_all(&mut **tx)
+        .fetch_all(&mut *tx)
         .await
         .map_err(db)?;
         if !existing.is_empty() {
@@ -340,64 +328,30 @@ impl RedshiftSink {
             "CREATE TABLE IF NOT EXISTS {} ({definition})",
             quote_ident(table)
         )))
-        .execute(&mut **tx)
+        .execute(&mut *tx)
         .await
         .map_err(db)?;
         Ok(())
     }
 
-    /// Runs the COPY; on failure asks `stl_load_errors` which file(s) it rejected.
-    async fn copy_redshift(
+    /// Runs the COPY; the rows it loaded per file, from `stl_load_commits`.
+    pub(super) async fn copy_redshift(
         &self,
-        tx: &mut Transaction<'static, Postgres>,
+        tx: &mut PgConnection,
         statement: &str,
-    ) -> Result<Copied, LoadError> {
-        let db = |e| db_error(e, Stage::Database);
-        match sqlx::query(AssertSqlSafe(statement.to_string()))
-            .execute(&mut **tx)
+    ) -> Result<HashMap<String, u64>, LoadError> {
+        sqlx::query(AssertSqlSafe(statement.to_string()))
+            .execute(&mut *tx)
             .await
-        {
-            Ok(_) => {
-                let rows: Vec<(String, i64)> = sqlx::query_as(
-                    "SELECT TRIM(filename), CAST(SUM(lines_scanned) AS BIGINT) FROM stl_load_commits
-                     WHERE query = pg_last_copy_id() GROUP BY 1",
-                )
-                .fetch_all(&mut **tx)
-                .await
-                .map_err(db)?;
-                Ok(Copied::Rows(
-                    rows.into_iter().map(|(f, n)| (f, n.max(0) as u64)).collect(),
-                ))
-            }
-            Err(e) => {
-                let message = e.to_string();
-                // The transaction is aborted; stl_load_errors is read on another connection.
-                let errors: Vec<(String, i64, String, String)> = sqlx::query_as(
-                    "SELECT TRIM(filename), CAST(line_number AS BIGINT), TRIM(colname), TRIM(err_reason) FROM stl_load_errors
-                     WHERE query = (SELECT MAX(query) FROM stl_load_errors WHERE session = pg_backend_pid()) ORDER BY starttime",
-                )
-                .fetch_all(&self.pool)
-                .await
-                .unwrap_or_default();
-                if errors.is_empty() {
-                    return Err(LoadError::transient(Stage::Database, message));
-                }
-                let mut bad = HashMap::new();
-                for (file, line, column, reason) in errors {
-                    bad.entry(file).or_insert_with(|| {
-                        let mut e =
-                            FileError::new(FileErrorKind::Database, format!("Redshift rejected the file: {reason}"))
-                                .at_line(Some(line.max(0) as u64));
-                        if !column.is_empty() {
-                            e = e.in_column(column);
-                        }
-                        e.database_message = Some(reason);
-                        e
-                    });
-                }
-                Ok(Copied::Rejected(bad))
-            }
-        }
+            .map_err(db)?;
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT TRIM(filename), CAST(SUM(lines_scanned) AS BIGINT) FROM stl_load_commits
+             WHERE query = pg_last_copy_id() GROUP BY 1",
+        )
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db)?;
+        Ok(rows.into_iter().map(|(f, n)| (f, n.max(0) as u64)).collect())
     }
 }
 
