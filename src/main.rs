@@ -30,7 +30,22 @@ enum Command {
     /// Validate the configuration and reach the store and the database.
     Check,
     /// Print the backlog and the latest failed files.
-    Status,
+    Status {
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// What the ledger knows: `ledger list`, or `ledger show KEY` for one file.
+    Ledger {
+        #[command(subcommand)]
+        command: LedgerCommand,
+    },
+    /// Load a file again on purpose: its loaded or failed versions in the ledger become
+    /// pending, and the file goes back to incoming/ (from processed/ or failed/).
+    Reload {
+        /// Its key: `orders/a.csv`, or with its folder, `processed/orders/a.csv`.
+        key: String,
+    },
     /// Move files from failed/ back to incoming/ so they are loaded again.
     RetryFailed {
         /// Only files whose key (relative to failed/) starts with this.
@@ -52,6 +67,34 @@ enum Command {
         /// Defaults to /healthz on the configured http.listen port, via 127.0.0.1.
         #[arg(long)]
         url: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum LedgerCommand {
+    /// The files the ledger knows, the latest changed first.
+    List {
+        /// Only `loaded`, `failed` or `pending` files.
+        #[arg(long)]
+        state: Option<String>,
+        /// Only files loaded (or tried) into this table.
+        #[arg(long)]
+        table: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Everything about one file: each version's state, rows, attempts, errors and times, and
+    /// where the file is stored now.
+    Show {
+        /// Its key: `orders/a.csv`, or with its folder, `failed/orders/a.csv`.
+        key: String,
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -101,11 +144,14 @@ async fn run(cli: Cli) -> ExitCode {
         }
     };
     s3_sql_loader::telemetry::init(&config.log);
+    let daemon_command = matches!(command, Command::Run);
     let result = match command {
         Command::Run => daemon(config).await.map(|()| ExitCode::SUCCESS),
         Command::Once => once(config).await,
         Command::Check => check(config).await,
-        Command::Status => status(config).await,
+        Command::Status { json } => status(config, json).await,
+        Command::Ledger { command } => ledger(config, command).await,
+        Command::Reload { key } => reload(config, key).await,
         Command::RetryFailed { prefix } => retry_failed(config, prefix).await,
         Command::Validate { file, key } => validate(config, file, key).await,
         Command::Healthcheck { url } => {
@@ -113,9 +159,13 @@ async fn run(cli: Cli) -> ExitCode {
             return healthcheck(url.unwrap_or_else(|| format!("http://127.0.0.1:{port}/healthz"))).await;
         }
     };
+    // Once: the daemon's error goes to its log (where its collectors look), a command's to the
+    // terminal.
     result.unwrap_or_else(|e| {
-        tracing::error!(error.message = %format!("{e:#}"), "exiting on error");
-        eprintln!("error: {e:#}");
+        match daemon_command {
+            true => tracing::error!(error.message = %format!("{e:#}"), "exiting on error"),
+            false => eprintln!("error: {e:#}"),
+        }
         ExitCode::FAILURE
     })
 }
@@ -162,9 +212,61 @@ async fn check(config: Config) -> anyhow::Result<ExitCode> {
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
-async fn status(config: Config) -> anyhow::Result<ExitCode> {
+async fn status(config: Config, json: bool) -> anyhow::Result<ExitCode> {
     let app = App::build(config, None).await?;
-    print!("{}", app.backlog_report().await?);
+    let backlog = app.backlog().await?;
+    match json {
+        true => println!("{}", serde_json::to_string_pretty(&backlog)?),
+        false => print!("{}", backlog.render()),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn ledger(config: Config, command: LedgerCommand) -> anyhow::Result<ExitCode> {
+    let app = App::build(config, None).await?;
+    match command {
+        LedgerCommand::List {
+            state,
+            table,
+            limit,
+            json,
+        } => {
+            if let Some(s) = &state
+                && !["loaded", "failed", "pending"].contains(&s.as_str())
+            {
+                anyhow::bail!("--state: expected loaded, failed or pending, got {s:?}");
+            }
+            let filter = s3_sql_loader::sink::entries::Filter {
+                state,
+                table,
+                key: None,
+                limit,
+            };
+            let entries = app.ledger_entries(&filter).await?;
+            match json {
+                true => println!("{}", serde_json::to_string_pretty(&entries)?),
+                false => print!("{}", s3_sql_loader::app::render_entries(&entries)),
+            }
+        }
+        LedgerCommand::Show { key, json } => {
+            let history = app.file_history(&key).await?;
+            match json {
+                true => println!("{}", serde_json::to_string_pretty(&history)?),
+                false => print!("{}", s3_sql_loader::app::render_history(&history)),
+            }
+            if history.versions.is_empty() && history.stored.is_empty() {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn reload(config: Config, key: String) -> anyhow::Result<ExitCode> {
+    let app = App::build(config, None).await?;
+    for line in app.reload(&key).await? {
+        println!("{line}");
+    }
     Ok(ExitCode::SUCCESS)
 }
 

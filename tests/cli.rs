@@ -167,3 +167,114 @@ fn validate_says_what_would_load_or_why_not_without_a_database() {
     );
     assert!(!d.join("data").exists(), "validate creates no folders or databases");
 }
+
+/// "What happened to file K?" and "reload file K", one command each: `ledger list`, `ledger
+/// show` (every version, rows, attempts, error, and where the file is now), `reload` (after the
+/// table was emptied, the same file loads again), and `status --json`.
+#[test]
+fn the_ledger_answers_what_happened_to_a_file_and_reload_loads_it_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_old(&d.join("data/incoming/orders/a.csv"), b"id,amount\n1,2.50\n2,3.10\n");
+    write_old(&d.join("data/incoming/orders/bad.csv"), b"id,amount\n1,x\n");
+    let (status, stdout, stderr) = run(d, &["once"], &[]);
+    assert_eq!(status.code(), Some(1), "{stdout}{stderr}");
+
+    let (status, stdout, stderr) = run(d, &["ledger", "list"], &[]);
+    assert!(status.success(), "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{stdout}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains(" loaded ") && l.contains(" 2 ") && l.ends_with("orders/a.csv")),
+        "{stdout}"
+    );
+    let (_, stdout, _) = run(d, &["ledger", "list", "--state", "failed", "--json"], &[]);
+    let failed: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(failed.as_array().unwrap().len(), 1, "{stdout}");
+    assert_eq!(failed[0]["key"], "orders/bad.csv");
+    assert_eq!(failed[0]["error"]["kind"], "type");
+    let (status, _, stderr) = run(d, &["ledger", "list", "--state", "done"], &[]);
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        stderr.contains("--state: expected loaded, failed or pending"),
+        "{stderr}"
+    );
+
+    // Any spelling of the key: relative, or with its folder.
+    for key in ["orders/bad.csv", "failed/orders/bad.csv", "incoming/orders/bad.csv"] {
+        let (status, stdout, stderr) = run(d, &["ledger", "show", key], &[]);
+        assert!(status.success(), "{stderr}");
+        assert!(stdout.contains("stored:   failed/orders/bad.csv"), "{stdout}");
+        assert!(stdout.contains("version 1: failed"), "{stdout}");
+        assert!(
+            stdout.contains("error:      type: \"x\" is not a valid decimal"),
+            "{stdout}"
+        );
+    }
+    let (_, stdout, _) = run(d, &["ledger", "show", "orders/a.csv", "--json"], &[]);
+    let shown: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(shown["stored"][0]["area"], "processed/", "{shown}");
+    assert_eq!(shown["versions"][0]["state"], "loaded", "{shown}");
+    assert_eq!(shown["versions"][0]["rows"], 2, "{shown}");
+    assert_eq!(shown["versions"][0]["attempts"], 1, "{shown}");
+    let (status, stdout, _) = run(d, &["ledger", "show", "orders/never.csv"], &[]);
+    assert_eq!(status.code(), Some(1));
+    assert!(stdout.contains("no version of it was ever claimed"), "{stdout}");
+
+    // The table is emptied; the file, already loaded, is loaded again on purpose.
+    let db = d.join("data/loader.db");
+    let sqlite = |sql: &str| {
+        let out = std::process::Command::new("python3")
+            .args(["-c", "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); r=c.execute(sys.argv[2]).fetchall(); c.commit(); print(r)"])
+            .arg(&db)
+            .arg(sql)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    sqlite("DELETE FROM orders");
+    let (status, stdout, stderr) = run(d, &["reload", "processed/orders/a.csv"], &[]);
+    assert!(status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("1 loaded or failed version(s) of orders/a.csv set back to pending"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("moved processed/orders/a.csv back to incoming/orders/a.csv"),
+        "{stdout}"
+    );
+    assert!(d.join("data/incoming/orders/a.csv").is_file());
+    let (status, stdout, stderr) = run(d, &["once"], &[]);
+    assert!(status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("loaded 1 (2 rows)"), "{stdout}");
+    assert_eq!(
+        sqlite("SELECT id, amount FROM orders ORDER BY id"),
+        "[(1, '2.50'), (2, '3.10')]"
+    );
+    assert!(d.join("data/processed/orders/a.csv").is_file());
+
+    // A failed file too, from failed/, its report removed.
+    write_old(&d.join("data/failed/orders/bad.csv"), b"id,amount\n1,7.25\n");
+    let (status, stdout, stderr) = run(d, &["reload", "orders/bad.csv"], &[]);
+    assert!(status.success(), "{stdout}{stderr}");
+    assert!(!d.join("data/failed/orders/bad.csv.error.json").exists());
+    let (_, stdout, _) = run(d, &["once"], &[]);
+    assert!(stdout.contains("loaded 1 (1 rows)"), "{stdout}");
+
+    let (status, _, stderr) = run(d, &["reload", "orders/nothing.csv"], &[]);
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        stderr.contains("no file orders/nothing.csv in incoming/, processed/ or failed/"),
+        "{stderr}"
+    );
+
+    write_old(&d.join("data/incoming/orders/c.csv"), b"id,amount\n3,1.00\n");
+    let (status, stdout, stderr) = run(d, &["status", "--json"], &[]);
+    assert!(status.success(), "{stderr}");
+    let s: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(s["files"], 1, "{s}");
+    assert_eq!(s["failed_files"], 0, "{s}");
+    assert!(s["oldest_age_seconds"].as_i64().unwrap() >= 59, "{s}");
+}

@@ -293,6 +293,13 @@ async fn a_file_with_a_permanent_problem_fails_alone_even_first_in_its_batch() {
     assert_eq!(extra["error"]["kind"], "schema", "{extra}");
     assert_eq!(extra["error"]["column"], "extra", "{extra}");
     assert_eq!(db.count("SELECT count(*) FROM orders").await, 15);
+    // The ledger commands read Redshift's ledger too.
+    let (status, stdout, stderr) = run(dir.path(), &["ledger", "show", "orders/b-extra.csv", "--json"], &env);
+    assert!(status.success(), "{stderr}");
+    let shown: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(shown["versions"][0]["state"], "failed", "{shown}");
+    assert_eq!(shown["versions"][0]["error"]["column"], "extra", "{shown}");
+    assert_eq!(shown["stored"][0]["area"], "failed/", "{shown}");
     assert_eq!(
         db.count("SELECT count(*) FROM s3_sql_loader_files WHERE state = 'loaded' AND attempts = 1")
             .await,

@@ -3,6 +3,7 @@
 //! a file is in the table exactly once or not at all. Redshift loads by batch instead
 //! ([`redshift`]).
 
+pub mod entries;
 mod insert;
 mod lease;
 pub mod mysql;
@@ -161,6 +162,28 @@ impl Database {
             Database::MySql(s) => s.ledger().reset_failed(source, key).await,
             Database::Redshift(s) => s.reset_failed(source, key).await,
             Database::Sqlite(s) => s.ledger().reset_failed(source, key).await,
+        }
+        .map_err(|e| db_error(e, Stage::Database))
+    }
+
+    /// The ledger's rows of `source` that `filter` picks (`ledger list`, `ledger show`).
+    pub async fn entries(&self, source: &str, filter: &entries::Filter) -> Result<Vec<entries::Entry>, LoadError> {
+        match self {
+            Database::Postgres(s) => s.ledger().entries(source, filter).await,
+            Database::MySql(s) => s.ledger().entries(source, filter).await,
+            Database::Redshift(s) => s.reader().entries(source, filter).await,
+            Database::Sqlite(s) => s.ledger().entries(source, filter).await,
+        }
+        .map_err(|e| db_error(e, Stage::Database))
+    }
+
+    /// Lets loaded and failed versions of `key` load again (for `reload`).
+    pub async fn reload(&self, source: &str, key: &str) -> Result<u64, LoadError> {
+        match self {
+            Database::Postgres(s) => s.ledger().reload(source, key).await,
+            Database::MySql(s) => s.ledger().reload(source, key).await,
+            Database::Redshift(s) => s.reload(source, key).await,
+            Database::Sqlite(s) => s.ledger().reload(source, key).await,
         }
         .map_err(|e| db_error(e, Stage::Database))
     }

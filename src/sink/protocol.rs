@@ -93,6 +93,8 @@ pub(crate) struct Dialect {
     pub upsert_returning: bool,
     /// `INSERT` that does nothing on a duplicate key: prefix and suffix around the rest.
     pub insert_ignore: (&'static str, &'static str),
+    /// The text type a `CAST` reads a time as.
+    pub text: &'static str,
 }
 
 /// The ledger's statements on one database. `writer` serializes writers where the database
@@ -125,6 +127,37 @@ impl<DB: Database> Ledger<DB> {
             writer,
         }
     }
+
+    /// The SQL with the ledger's name, its time function and its placeholders filled in:
+    /// `{L}` is the table, `{NOW}` the time, `{ATTEMPTS}` the attempts read as 64 bits, and each
+    /// `?` a parameter, in the order they are bound.
+    pub(super) fn sql(&self, template: &str) -> String {
+        let sql = template
+            .replace("{L}", &self.table)
+            .replace("{NOW}", self.dialect.now)
+            .replace("{ATTEMPTS}", self.dialect.attempts);
+        if !self.dialect.numbered {
+            return sql;
+        }
+        let mut out = String::with_capacity(sql.len() + 8);
+        let mut n = 0;
+        for c in sql.chars() {
+            if c == '?' {
+                n += 1;
+                out.push_str(&format!("${n}"));
+            } else {
+                out.push(c);
+            }
+        }
+        out
+    }
+
+    pub(super) async fn writer(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        match &self.writer {
+            Some(lock) => Some(lock.lock().await),
+            None => None,
+        }
+    }
 }
 
 /// What counting an attempt found.
@@ -147,41 +180,10 @@ where
     for<'r> LedgerRow: FromRow<'r, DB::Row>,
     for<'r> (String, Option<String>): FromRow<'r, DB::Row>,
 {
-    /// The SQL with the ledger's name, its time function and its placeholders filled in:
-    /// `{L}` is the table, `{NOW}` the time, `{ATTEMPTS}` the attempts read as 64 bits, and each
-    /// `?` a parameter, in the order they are bound.
-    fn sql(&self, template: &str) -> String {
-        let sql = template
-            .replace("{L}", &self.table)
-            .replace("{NOW}", self.dialect.now)
-            .replace("{ATTEMPTS}", self.dialect.attempts);
-        if !self.dialect.numbered {
-            return sql;
-        }
-        let mut out = String::with_capacity(sql.len() + 8);
-        let mut n = 0;
-        for c in sql.chars() {
-            if c == '?' {
-                n += 1;
-                out.push_str(&format!("${n}"));
-            } else {
-                out.push(c);
-            }
-        }
-        out
-    }
-
     async fn begin(&self) -> Result<Transaction<'static, DB>, sqlx::Error> {
         match self.dialect.begin {
             Some(statement) => self.pool.begin_with(statement).await,
             None => self.pool.begin().await,
-        }
-    }
-
-    async fn writer(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
-        match &self.writer {
-            Some(lock) => Some(lock.lock().await),
-            None => None,
         }
     }
 

@@ -31,6 +31,7 @@ const DIALECT: Dialect = Dialect {
     begin: Some("BEGIN IMMEDIATE"),
     upsert_returning: true,
     insert_ignore: ("INSERT INTO", " ON CONFLICT (file_id) DO NOTHING"),
+    text: "TEXT",
 };
 
 /// SQLite's limit on bound parameters per statement (since 3.32).

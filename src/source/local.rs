@@ -326,6 +326,21 @@ impl LocalSource {
         Ok(self.version_at(&target).await?.map(|(_, v)| v))
     }
 
+    /// The file at `area` + `key`, identified, if there is one.
+    pub async fn meta_at(&self, area: &str, key: &str) -> Result<Option<ObjectMeta>, SourceError> {
+        let target = self.path(area, key)?;
+        match tokio::fs::symlink_metadata(&target).await {
+            Ok(meta) if meta.is_file() => {}
+            _ => return Ok(None),
+        }
+        Ok(self.version_at(&target).await?.map(|(stat, etag)| ObjectMeta {
+            key: key.to_string(),
+            etag,
+            size: stat.size,
+            last_modified: stat.modified(),
+        }))
+    }
+
     /// Writes `path` atomically: a hidden temporary file, then a rename.
     pub async fn put(&self, path: &str, body: Vec<u8>) -> Result<(), SourceError> {
         let (prefix, key) = path.split_once('/').unwrap_or(("", path));

@@ -278,6 +278,20 @@ impl Source {
     }
 
     /// The version of the object at `path` relative to the root, if there is one.
+    /// The file at `area` + `key` (`key` relative to the area), if there is one.
+    pub async fn meta_at(&self, area: &str, key: &str) -> Result<Option<ObjectMeta>, SourceError> {
+        match self {
+            Source::Local(s) => s.meta_at(area, key).await,
+            Source::S3(s) => s.meta_at(area, key).await,
+        }
+    }
+
+    /// Moves `processed/K` back to exactly `incoming/K` (for `reload`); `None` when that name
+    /// holds another version.
+    pub async fn move_back_from_processed(&self, obj: &ObjectMeta) -> Result<Option<MoveOutcome>, SourceError> {
+        self.move_named(PROCESSED, INCOMING, obj, &obj.key).await
+    }
+
     pub async fn etag_at(&self, path: &str) -> Result<Option<String>, SourceError> {
         match self {
             Source::Local(s) => s.etag_at(path).await,

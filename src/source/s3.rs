@@ -329,6 +329,33 @@ impl S3Source {
     }
 
     /// The ETag of the object at `path` (relative to the root), if there is one.
+    /// The object at `area` + `key`, if there is one.
+    pub async fn meta_at(&self, area: &str, key: &str) -> Result<Option<ObjectMeta>, SourceError> {
+        let full_key = format!("{}{area}{key}", self.root);
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(&full_key)
+            .send()
+            .await
+        {
+            Ok(head) => Ok(head.e_tag().map(|etag| ObjectMeta {
+                key: key.to_string(),
+                etag: etag.to_string(),
+                size: head.content_length().unwrap_or(0).max(0) as u64,
+                last_modified: head
+                    .last_modified()
+                    .and_then(|t| DateTime::<Utc>::from_timestamp(t.secs(), t.subsec_nanos()))
+                    .unwrap_or_else(Utc::now),
+            })),
+            Err(e) => match classify(e, &full_key) {
+                SourceError::Gone(_) => Ok(None),
+                other => Err(other),
+            },
+        }
+    }
+
     pub async fn etag_at(&self, path: &str) -> Result<Option<String>, SourceError> {
         self.head_etag(&format!("{}{path}", self.root)).await
     }

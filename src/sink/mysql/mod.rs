@@ -39,6 +39,7 @@ const DIALECT: Dialect = Dialect {
     begin: None,
     upsert_returning: false,
     insert_ignore: ("INSERT IGNORE INTO", ""),
+    text: "CHAR",
 };
 
 /// A claim: the connection holding the file's named lock. Dropped without

@@ -25,7 +25,7 @@ use crate::routes::{LoadSpec, WriteMode};
 use crate::schema::{ColumnCheck, ColumnType, Limits};
 
 /// The ledger's SQL in PostgreSQL.
-const DIALECT: Dialect = Dialect {
+pub(crate) const DIALECT: Dialect = Dialect {
     numbered: true,
     now: "now()",
     attempts: "attempts::bigint",
@@ -33,6 +33,8 @@ const DIALECT: Dialect = Dialect {
     begin: None,
     upsert_returning: true,
     insert_ignore: ("INSERT INTO", " ON CONFLICT (file_id) DO NOTHING"),
+    // (Redshift reads its ledger with this dialect too: VARCHAR is common to both.)
+    text: "VARCHAR",
 };
 
 /// A claim: the load's transaction holding the file's advisory lock, its server process, and

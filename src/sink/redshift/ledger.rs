@@ -8,6 +8,7 @@ use sqlx::{AssertSqlSafe, Postgres, Transaction};
 
 use super::{BatchOutcome, RedshiftSink, db};
 use crate::error::{FileError, LoadError, Stage};
+use crate::sink::protocol::Ledger;
 use crate::sink::{LedgerRow, LoadOutcome, append_history, db_error, file_id, outcome_of_state, retries_exhausted};
 use crate::source::{ObjectMeta, Source};
 
@@ -45,6 +46,29 @@ impl RedshiftSink {
             .execute(&self.pool)
             .await?
             .rows_affected())
+    }
+
+    /// `reload`: loaded and failed versions of `key` become pending with no attempts.
+    pub async fn reload(&self, source: &str, key: &str) -> Result<u64, sqlx::Error> {
+        let sql = format!(
+            "UPDATE {} SET state = 'pending', attempts = 0, error = NULL, row_count = NULL, loaded_at = NULL,
+                 updated_at = $3
+             WHERE source = $1 AND object_key = $2 AND state IN ('loaded', 'failed')",
+            self.options.ledger
+        );
+        Ok(sqlx::query(AssertSqlSafe(sql))
+            .bind(source)
+            .bind(key)
+            .bind(chrono::Utc::now())
+            .execute(&self.pool)
+            .await?
+            .rows_affected())
+    }
+
+    /// The ledger's generic statements, for reading it (its SQL there is common to Redshift
+    /// and PostgreSQL).
+    pub(crate) fn reader(&self) -> Ledger<Postgres> {
+        Ledger::new(self.pool.clone(), &self.options, crate::sink::postgres::DIALECT, None)
     }
 
     pub async fn record_transient(&self, id: &str, stage: Stage, message: &str) -> Result<(), sqlx::Error> {

@@ -26,6 +26,12 @@ pub(super) struct StatKey {
 }
 
 impl StatKey {
+    pub(super) fn modified(&self) -> chrono::DateTime<chrono::Utc> {
+        let secs = self.mtime_ns.div_euclid(1_000_000_000) as i64;
+        let nanos = self.mtime_ns.rem_euclid(1_000_000_000) as u32;
+        chrono::DateTime::from_timestamp(secs, nanos).unwrap_or_default()
+    }
+
     pub(super) fn of(meta: &Metadata) -> StatKey {
         StatKey {
             dev: meta.dev(),

@@ -1,6 +1,7 @@
 //! Wiring: builds the source, database, status, worker and scheduler from a [`Config`], and runs
 //! them as the daemon ([`App::run_until_stopped`]) or for one tick ([`App::run_once`]). Also the
-//! small commands: `check`, `status`, `retry-failed`.
+//! small commands: `check`, `retry-failed`, and (in [`operator`]) `status`, `ledger` and
+//! `reload`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +11,10 @@ use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
+
+mod operator;
+
+pub use self::operator::{Backlog, Failure, FileHistory, Stored, relative_key, render_entries, render_history};
 
 use crate::cloudwatch::Publisher;
 use crate::config::Config;
@@ -208,52 +213,6 @@ impl App {
             ("store never replaces processed/ and failed/ names".into(), copies),
             (format!("database {}", crate::redact::url(url)), db),
         ]
-    }
-
-    /// `status`: a listing-based backlog report for a terminal.
-    pub async fn backlog_report(&self) -> anyhow::Result<String> {
-        let (incoming, _) = self.source.list_incoming().await?;
-        let failed = self.source.list_failed().await?;
-        let now = chrono::Utc::now();
-        let oldest = incoming.iter().map(|o| o.last_modified).min();
-        let bytes: u64 = incoming.iter().map(|o| o.size).sum();
-        let mut out = format!(
-            "source:   {}\nbacklog:  {} file(s), {} byte(s)\noldest:   {}\n",
-            self.source.id(),
-            incoming.len(),
-            bytes,
-            oldest
-                .map(|t| format!("{}s old ({t})", (now - t).num_seconds()))
-                .unwrap_or_else(|| "-".into()),
-        );
-        let mut failed = crate::report::failed_files(&self.source, failed).await?;
-        failed.sort_by_key(|o| std::cmp::Reverse(o.last_modified));
-        out.push_str(&format!("failed:   {} file(s) in {FAILED}\n", failed.len()));
-        if !failed.is_empty() {
-            out.push_str("latest failures:\n");
-        }
-        for f in failed.iter().take(10) {
-            let reason = match crate::report::read(&self.source, &f.key).await {
-                Ok(Some(r)) => {
-                    let from = match r.original_key() {
-                        Some(k) if k != f.key => format!(" (from {}{k})", crate::source::INCOMING),
-                        _ => String::new(),
-                    };
-                    match (r.error["kind"].as_str(), r.error["message"].as_str()) {
-                        (Some(kind), Some(message)) => format!("{kind}: {message}{from}"),
-                        _ => format!("unreadable report{from}"),
-                    }
-                }
-                Ok(None) => "no report".into(),
-                Err(e) => format!("no report ({e})"),
-            };
-            out.push_str(&format!(
-                "  {}  {FAILED}{}\n      {reason}\n",
-                f.last_modified.format("%Y-%m-%d %H:%M:%S"),
-                f.key
-            ));
-        }
-        Ok(out)
     }
 
     /// `retry-failed`: moves files (optionally only under `prefix`) from `failed/` back to
