@@ -8,7 +8,6 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use aws_sdk_cloudwatch::Client;
-use aws_sdk_cloudwatch::error::DisplayErrorContext;
 use aws_sdk_cloudwatch::primitives::DateTime;
 use aws_sdk_cloudwatch::types::{Dimension, MetricDatum, StandardUnit, StatisticSet};
 use tokio::task::JoinHandle;
@@ -74,7 +73,7 @@ impl Publisher {
                 }
                 Ok(Err(e)) => {
                     metrics.cloudwatch_failed.inc();
-                    tracing::warn!(error.message = %DisplayErrorContext(&e), "publishing CloudWatch metrics failed");
+                    tracing::warn!(error.message = %crate::aws::describe(&e), "publishing CloudWatch metrics failed");
                 }
                 Err(_) => {
                     metrics.cloudwatch_failed.inc();

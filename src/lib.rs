@@ -29,6 +29,7 @@
 //! `incoming/` for a later tick, permanent ones send it to `failed/`.
 
 pub mod app;
+pub mod aws;
 pub mod cloudwatch;
 pub mod config;
 pub mod error;

@@ -171,14 +171,14 @@ impl Scheduler {
             }
             Err(e) => {
                 error!(error.stage = Stage::List.as_str(), error.message = %e, "listing {INCOMING} failed");
-                return (Err(format!("listing failed: {e}")), 0, 0, Vec::new());
+                return (Err(e.to_string()), 0, 0, Vec::new());
             }
         };
         let listed = listing.len() as u64;
         if !self.ledger_ready.load(Ordering::Relaxed) {
             if let Err(e) = self.worker.db.ensure_ledger().await {
                 error!(error.stage = Stage::Database.as_str(), error.message = %e, "cannot reach the database");
-                return (Err(format!("database: {e}")), listed, 0, Vec::new());
+                return (Err(e.to_string()), listed, 0, Vec::new());
             }
             self.ledger_ready.store(true, Ordering::Relaxed);
         }

@@ -8,9 +8,13 @@ use tracing_subscriber::EnvFilter;
 use crate::config::{LogConfig, LogFormat};
 
 pub fn init(config: &LogConfig) {
+    // Libraries' noise stays out unless RUST_LOG asks for it: the AWS SDK's warnings while it
+    // looks for a region and credentials (the loader says in one line what was not found), and
+    // sqlx's slow-acquire warnings (the loader reports database trouble itself).
+    let quiet = ",aws_config=error,sqlx::pool::acquire=error";
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&config.level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+        .or_else(|_| EnvFilter::try_new(format!("{}{quiet}", config.level)))
+        .unwrap_or_else(|_| EnvFilter::new(format!("info{quiet}")));
     let json = match config.format {
         LogFormat::Json => true,
         LogFormat::Text => false,
@@ -18,6 +22,7 @@ pub fn init(config: &LogConfig) {
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let result = if json {
         builder

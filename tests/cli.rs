@@ -278,3 +278,37 @@ fn the_ledger_answers_what_happened_to_a_file_and_reload_loads_it_again() {
     assert_eq!(s["failed_files"], 0, "{s}");
     assert!(s["oldest_age_seconds"].as_i64().unwrap() >= 59, "{s}");
 }
+
+/// Usual mistakes get one line that names what to fix: a database port where nothing listens
+/// (not "pool timed out"), an S3 bucket that does not exist (no SDK debug dump).
+#[test]
+fn a_wrong_database_port_or_bucket_is_named_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let env = kv(&[
+        ("LOADER_DATABASE__URL", "postgres://postgres@127.0.0.1:1/test"),
+        ("LOADER_DATABASE__CONNECT_TIMEOUT", "1s"),
+    ]);
+    let (status, stdout, stderr) = run(d, &["check"], &env);
+    assert_eq!(status.code(), Some(1), "{stdout}{stderr}");
+    let line = stdout.lines().find(|l| l.starts_with("database ")).unwrap();
+    assert!(
+        line.contains("FAILED: cannot connect to 127.0.0.1:1: Connection refused"),
+        "{stdout}"
+    );
+
+    let moto = Moto::start();
+    let mut env = moto.env();
+    env.extend(kv(&[("LOADER_SOURCE__URL", "s3://no-such-bucket")]));
+    let (status, stdout, stderr) = run(d, &["check"], &env);
+    assert_eq!(status.code(), Some(1), "{stdout}{stderr}");
+    let line = stdout.lines().find(|l| l.starts_with("store s3://")).unwrap();
+    assert_eq!(
+        line,
+        "store s3://no-such-bucket/: FAILED: listing s3://no-such-bucket/incoming/: NoSuchBucket: The specified bucket does not exist (HTTP 404)"
+    );
+    assert!(
+        !stdout.contains("ServiceError") && !stderr.contains("ServiceError"),
+        "{stdout}{stderr}"
+    );
+}

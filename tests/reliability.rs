@@ -164,7 +164,7 @@ async fn while_postgres_is_unreachable_the_loader_stays_up_reports_not_ready_and
             let s = loader.status().await;
             s["last_tick"]["result"]
                 .as_str()
-                .is_some_and(|r| r.starts_with("database"))
+                .is_some_and(|r| r.starts_with("database: ") && !r.starts_with("database: database"))
         },
     )
     .await;
@@ -236,7 +236,7 @@ async fn while_the_store_fails_the_loader_waits_and_then_loads_everything_once()
     wait_until(Duration::from_secs(60), "a tick that failed on the listing", || async {
         loader.status().await["last_tick"]["result"]
             .as_str()
-            .is_some_and(|r| r.starts_with("listing failed"))
+            .is_some_and(|r| r.starts_with("listing s3://store-outage/incoming/"))
     })
     .await;
     let seen = std::sync::Mutex::new(serde_json::Value::Null);

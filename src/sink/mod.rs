@@ -107,24 +107,72 @@ impl Database {
 
     /// Creates the ledger table when missing.
     pub async fn ensure_ledger(&self) -> Result<(), LoadError> {
-        match self {
+        let ensured = match self {
             Database::Postgres(s) => s.ensure_ledger().await,
             Database::MySql(s) => s.ensure_ledger().await,
             Database::Redshift(s) => s.ensure_ledger().await,
             Database::Sqlite(s) => s.ensure_ledger().await,
+        };
+        match ensured {
+            Ok(()) => Ok(()),
+            Err(e @ (sqlx::Error::PoolTimedOut | sqlx::Error::Io(_))) => {
+                Err(LoadError::transient(Stage::Database, self.explain(&e).await))
+            }
+            Err(e) => Err(db_error(e, Stage::Database)),
         }
-        .map_err(|e| db_error(e, Stage::Database))
     }
 
-    /// Is the database reachable?
+    /// Is the database reachable? If not, why (see [`Database::explain`]).
     pub async fn ping(&self) -> Result<(), String> {
-        match self {
+        let pinged = match self {
             Database::Postgres(s) => s.ledger().ping().await,
             Database::MySql(s) => s.ledger().ping().await,
             Database::Redshift(s) => s.ping().await,
             Database::Sqlite(s) => s.ledger().ping().await,
+        };
+        match pinged {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.explain(&e).await),
         }
-        .map_err(|e| e.to_string())
+    }
+
+    /// The server's host and port (none for SQLite, or a PostgreSQL socket folder).
+    fn endpoint(&self) -> Option<(String, u16)> {
+        let (host, port) = match self {
+            Database::Postgres(s) => {
+                let o = s.ledger().pool.connect_options();
+                (o.get_host().to_string(), o.get_port())
+            }
+            Database::Redshift(s) => {
+                let o = s.connect_options();
+                (o.get_host().to_string(), o.get_port())
+            }
+            Database::MySql(s) => {
+                let o = s.ledger().pool.connect_options();
+                (o.get_host().to_string(), o.get_port())
+            }
+            Database::Sqlite(_) => return None,
+        };
+        (!host.starts_with('/')).then_some((host, port))
+    }
+
+    /// A database error in one line an operator can act on. When the driver only says it gave
+    /// up (no connection within `database.connect_timeout`) or that the network failed, a plain
+    /// TCP connection to the server's host and port tells which: refused, unresolvable, silent.
+    pub async fn explain(&self, e: &sqlx::Error) -> String {
+        let text = db_message(e);
+        if !matches!(e, sqlx::Error::PoolTimedOut | sqlx::Error::Io(_)) {
+            return text;
+        }
+        let Some((host, port)) = self.endpoint() else {
+            return text;
+        };
+        let probe = tokio::net::TcpStream::connect((host.as_str(), port));
+        match tokio::time::timeout(std::time::Duration::from_secs(3), probe).await {
+            Ok(Ok(_)) => format!("{host}:{port} accepts connections, but no database session opened ({text})"),
+            Ok(Err(io)) => format!("cannot connect to {host}:{port}: {io}"),
+            Err(_) => format!("no answer from {host}:{port} within 3s"),
+        }
     }
 
     /// Loads one file exactly once (see [`protocol`]). `spec` says into which table (or why
@@ -314,7 +362,22 @@ pub fn db_error(e: sqlx::Error, stage: Stage) -> LoadError {
                 None => LoadError::transient(stage, format!("database error {code}: {}", dbe.message())),
             }
         }
-        _ => LoadError::transient(stage, e),
+        _ => LoadError::transient(stage, db_message(&e)),
+    }
+}
+
+/// A database error without the driver's decorations: the server's own message (not "error
+/// returned from database:", nor PostgreSQL's "at line N" of its own source), or what the
+/// driver says went wrong.
+pub fn db_message(e: &sqlx::Error) -> String {
+    match e {
+        sqlx::Error::Database(d) => d.message().to_string(),
+        sqlx::Error::PoolTimedOut => "no connection to the database within database.connect_timeout".into(),
+        other => {
+            let text = other.to_string();
+            text.strip_prefix("error communicating with database: ")
+                .map_or(text.clone(), str::to_string)
+        }
     }
 }
 

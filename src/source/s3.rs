@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use aws_sdk_s3::Client;
 use aws_sdk_s3::config::http::HttpResponse;
-use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use chrono::{DateTime, Utc};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
@@ -456,7 +456,7 @@ where
         .and_then(|se| se.code())
         .unwrap_or_default()
         .to_string();
-    let message = format!("{what}: {}", DisplayErrorContext(&e));
+    let message = format!("{what}: {}", crate::aws::describe(&e));
     match (status, code.as_str()) {
         (Some(404), _) | (_, "NoSuchKey") | (Some(412), _) | (_, "PreconditionFailed") => SourceError::Gone(message),
         (Some(403), _) | (_, "AccessDenied") => SourceError::Denied(message),

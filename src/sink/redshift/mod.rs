@@ -116,6 +116,10 @@ impl RedshiftSink {
         })
     }
 
+    pub(crate) fn connect_options(&self) -> std::sync::Arc<PgConnectOptions> {
+        self.pool.connect_options()
+    }
+
     pub async fn ping(&self) -> Result<(), sqlx::Error> {
         sqlx::query("SELECT 1").execute(&self.pool).await.map(|_| ())
     }
