@@ -144,6 +144,13 @@ async fn run(cli: Cli) -> ExitCode {
         }
     };
     s3_sql_loader::telemetry::init(&config.log);
+    for variable in Config::ignored_variables() {
+        tracing::warn!(
+            variable = %variable,
+            sections = %s3_sql_loader::config::SECTIONS.join(", "),
+            "ignored: a LOADER_ variable whose name starts with no section of the configuration"
+        );
+    }
     let daemon_command = matches!(command, Command::Run);
     let result = match command {
         Command::Run => daemon(config).await.map(|()| ExitCode::SUCCESS),

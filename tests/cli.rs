@@ -43,9 +43,36 @@ fn an_unknown_key_stops_start_up_naming_the_key() {
     assert!(stderr.contains("schedule.intervall: unknown key"), "{stderr}");
     assert!(stderr.contains("interval"), "the accepted keys are listed: {stderr}");
 
+    // From the environment, the variable is named as it is spelled.
     let (status, _, stderr) = run(d, &["check"], &kv(&[("LOADER_WORKERS__THREADS", "4")]));
     assert_eq!(status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("workers.threads: unknown key"), "{stderr}");
+    assert!(stderr.contains("  - LOADER_WORKERS__THREADS: unknown key"), "{stderr}");
+
+    // Every mistake of a file at once, under its key, in words rather than Rust's types.
+    std::fs::write(
+        d.join("three.toml"),
+        "[schedule]\nintervall = \"5s\"\n[workers]\nconcurrency = \"four\"\n[[routes]]\nprefix = \"a/\"\nwrite_mode = \"merge\"\n",
+    )
+    .unwrap();
+    let (status, _, stderr) = run(d, &["--config", "three.toml", "check"], &[]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    for line in [
+        "  - schedule.intervall: unknown key; expected one of: interval, max_files_per_tick (in three.toml)",
+        "  - workers.concurrency: expected a whole number (0 or more), found string \"four\" (in three.toml)",
+        "  - routes[0].write_mode: unknown value \"merge\"; expected one of: append, upsert (in three.toml)",
+    ] {
+        assert!(stderr.lines().any(|l| l == line), "{line}\n{stderr}");
+    }
+
+    // A LOADER_ variable of something else is not the loader's business; one that looks like
+    // a setting of a section that does not exist is ignored with a warning.
+    let env = kv(&[("LOADER_FOO", "1"), ("LOADER_SOURC__URL", "file://./elsewhere")]);
+    let (status, stdout, stderr) = run(d, &["check"], &env);
+    assert!(status.success(), "{stdout}{stderr}");
+    assert!(
+        stderr.contains("LOADER_SOURC__URL") && !stderr.contains("LOADER_FOO"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -54,7 +81,10 @@ fn a_bad_value_stops_start_up_naming_the_key_and_what_is_accepted() {
     let d = dir.path();
     let (status, _, stderr) = run(d, &["check"], &kv(&[("LOADER_SCHEDULE__INTERVAL", "soon")]));
     assert_eq!(status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("schedule.interval"), "{stderr}");
+    assert!(
+        stderr.contains("LOADER_SCHEDULE__INTERVAL: \"soon\" is not a duration"),
+        "{stderr}"
+    );
     assert!(stderr.contains("\"15s\""), "the accepted form is shown: {stderr}");
 
     std::fs::write(

@@ -3,21 +3,20 @@
 //! `config/default.toml`. [`Config::load`] reports every problem at once and names the key.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::Duration;
 
-use figment::Figment;
-use figment::providers::{Env, Format, Toml};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
 mod limits;
+mod load;
 pub mod redshift;
 mod reports;
 pub mod routes;
 mod urls;
 
 pub use self::limits::LimitsConfig;
+pub use self::load::SECTIONS;
 pub use self::reports::ReportsConfig;
 pub use self::urls::{Dialect, SourceUrl, dialect_of, parse_source_url};
 
@@ -378,29 +377,6 @@ pub struct ConfigError {
 }
 
 impl Config {
-    /// Reads defaults, then `file` (when given), then the `LOADER_*` environment, and validates.
-    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
-        Self::figment(file)
-            .extract::<Config>()
-            .map_err(|e| ConfigError {
-                problems: e.into_iter().map(describe_figment_error).collect(),
-            })
-            .and_then(|c| c.validated())
-    }
-
-    fn figment(file: Option<&Path>) -> Figment {
-        let mut figment = Figment::new();
-        if let Some(file) = file {
-            figment = figment.merge(Toml::file_exact(file));
-        }
-        // `LOADER_CONFIG` names the file; it is not a key of the configuration itself.
-        figment.merge(
-            Env::prefixed("LOADER_")
-                .filter(|k| !k.as_str().eq_ignore_ascii_case("config"))
-                .split("__"),
-        )
-    }
-
     /// Checks every value and reports all problems at once.
     pub fn validated(self) -> Result<Config, ConfigError> {
         let mut problems = Vec::new();
@@ -546,30 +522,6 @@ fn single_ascii(s: &str) -> Option<u8> {
 }
 
 /// Turns one figment error into "key: what is wrong (where it came from)".
-fn describe_figment_error(e: figment::Error) -> String {
-    let key = if e.path.is_empty() {
-        "(top level)".to_string()
-    } else {
-        e.path.join(".")
-    };
-    let origin = e
-        .metadata
-        .as_ref()
-        .map(|m| match &m.source {
-            Some(src) => format!(" (from {} {src})", m.name),
-            None => format!(" (from {})", m.name),
-        })
-        .unwrap_or_default();
-    let what = match &e.kind {
-        figment::error::Kind::UnknownField(field, expected) => {
-            let key = if key == "(top level)" { field.clone() } else { key };
-            return format!("{key}: unknown key; expected one of: {}{origin}", expected.join(", "));
-        }
-        kind => kind.to_string(),
-    };
-    format!("{key}: {what}{origin}")
-}
-
 /// Durations as humantime strings ("15s", "500ms", "2m") or whole seconds.
 mod duration {
     use std::time::Duration;

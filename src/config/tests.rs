@@ -1,5 +1,7 @@
 //! Tests of loading and validating the configuration.
 
+use std::path::Path;
+
 use super::*;
 
 #[test]
