@@ -184,6 +184,7 @@ async fn daemon(config: Config) -> anyhow::Result<()> {
 }
 
 async fn once(config: Config) -> anyhow::Result<ExitCode> {
+    let settle = config.source.settle_time;
     let summary = App::build(config, None).await?.run_once().await?;
     println!(
         "listed {} | loaded {} ({} rows) | already loaded {} | failed {} | to retry {} | held elsewhere {}",
@@ -195,6 +196,12 @@ async fn once(config: Config) -> anyhow::Result<ExitCode> {
         summary.retry,
         summary.busy
     );
+    if summary.settling > 0 {
+        println!(
+            "not listed yet: {} file(s) in incoming/ changed within source.settle_time ({:?}); a later tick takes them",
+            summary.settling, settle
+        );
+    }
     Ok(if summary.failed > 0 || summary.retry > 0 {
         ExitCode::FAILURE
     } else {
@@ -204,7 +211,7 @@ async fn once(config: Config) -> anyhow::Result<ExitCode> {
 
 async fn check(config: Config) -> anyhow::Result<ExitCode> {
     println!("configuration: ok");
-    let app = App::build(config, None).await?;
+    let app = App::build_to_check(config).await?;
     let mut ok = true;
     for (what, result) in app.check().await {
         match result {
@@ -285,7 +292,9 @@ async fn retry_failed(config: Config, prefix: Option<String>) -> anyhow::Result<
 }
 
 async fn validate(config: Config, file: PathBuf, key: Option<String>) -> anyhow::Result<ExitCode> {
-    let key = key.unwrap_or_else(|| {
+    let given = key.is_some();
+    // `--key incoming/orders/x.csv` means the file at that key, as everywhere else.
+    let key = key.map(|k| s3_sql_loader::app::relative_key(&k)).unwrap_or_else(|| {
         let path = file.to_string_lossy();
         match path.rsplit_once("incoming/") {
             Some((_, rest)) => rest.to_string(),
@@ -325,6 +334,13 @@ async fn validate(config: Config, file: PathBuf, key: Option<String>) -> anyhow:
         }
         Some(e) => {
             println!("result:   would FAIL ({}): {e}", e.kind.as_str());
+            if !given && e.kind == s3_sql_loader::error::FileErrorKind::UnsafeName && v.spec.table.is_err() {
+                println!(
+                    "hint:     the table comes from the key (its first folder under incoming/, else the file's name); \
+                     say which key the file will have with --key, e.g. --key orders/{}",
+                    v.key
+                );
+            }
             Ok(ExitCode::FAILURE)
         }
     }

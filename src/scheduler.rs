@@ -444,7 +444,7 @@ mod tests {
         config.source.url = format!("file://{}", root.display());
         config.source.settle_time = Duration::ZERO;
         config.database.url = format!("sqlite://{}/loader.db", root.display()).into();
-        let source = Arc::new(crate::source::Source::connect(&config.source).await.unwrap());
+        let source = Arc::new(crate::source::Source::connect(&config.source, true).await.unwrap());
         let db = Arc::new(crate::sink::Database::connect_lazy(&config).unwrap());
         db.ensure_ledger().await.unwrap();
         let status = Arc::new(crate::status::Status::new(&config.pipeline, None));

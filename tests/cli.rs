@@ -13,6 +13,23 @@ fn environment_variables_override_the_config_file() {
         "[source]\nurl = \"file://./from-file\"\n[database]\nurl = \"sqlite://./from-file.db\"\n",
     )
     .unwrap();
+    // `check` looks and creates nothing: a folder that is not there is named, not made.
+    let (status, stdout, stderr) = run(d, &["--config", "loader.toml", "check"], &[]);
+    assert_eq!(status.code(), Some(1), "{stdout}{stderr}");
+    let expected = format!(
+        "store file://{}/from-file: FAILED: there is no folder {}/from-file (a relative source.url is taken from the working directory",
+        d.canonicalize().unwrap().display(),
+        d.canonicalize().unwrap().display()
+    );
+    assert!(stdout.contains(&expected), "{expected}\n{stdout}");
+    assert!(
+        stdout.contains("database sqlite://./from-file.db: ok"),
+        "the other checks run: {stdout}"
+    );
+    assert!(!d.join("from-file").exists());
+    for folder in ["from-file", "from-env"] {
+        std::fs::create_dir_all(d.join(folder).join("incoming")).unwrap();
+    }
     let (status, stdout, stderr) = run(d, &["--config", "loader.toml", "check"], &[]);
     assert!(status.success(), "{stdout}{stderr}");
     assert!(stdout.contains("from-file: ok"), "{stdout}");
@@ -25,7 +42,6 @@ fn environment_variables_override_the_config_file() {
         "{stdout}"
     );
     assert!(stdout.contains("database sqlite://./from-file.db: ok"), "{stdout}");
-    assert!(d.join("from-env/incoming").is_dir());
 
     // LOADER_CONFIG names the file too.
     let env = kv(&[("LOADER_CONFIG", "loader.toml")]);
@@ -66,6 +82,7 @@ fn an_unknown_key_stops_start_up_naming_the_key() {
 
     // A LOADER_ variable of something else is not the loader's business; one that looks like
     // a setting of a section that does not exist is ignored with a warning.
+    std::fs::create_dir_all(d.join("data/incoming")).unwrap();
     let env = kv(&[("LOADER_FOO", "1"), ("LOADER_SOURC__URL", "file://./elsewhere")]);
     let (status, stdout, stderr) = run(d, &["check"], &env);
     assert!(status.success(), "{stdout}{stderr}");
@@ -340,5 +357,53 @@ fn a_wrong_database_port_or_bucket_is_named_in_one_line() {
     assert!(
         !stdout.contains("ServiceError") && !stderr.contains("ServiceError"),
         "{stdout}{stderr}"
+    );
+}
+
+/// `validate` on a file named like the demo's: the table comes from the key, and the answer
+/// says so; `--key` takes the key with or without `incoming/`.
+#[test]
+fn validate_hints_at_the_key_and_takes_it_with_its_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("orders-2026-11-01.csv"), "id,amount\n1,2.50\n").unwrap();
+    let (status, stdout, _) = run(d, &["validate", "orders-2026-11-01.csv"], &[]);
+    assert_eq!(status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("would FAIL (unsafe_name)"), "{stdout}");
+    assert!(
+        stdout.contains("hint:     the table comes from the key")
+            && stdout.contains("--key orders/orders-2026-11-01.csv"),
+        "{stdout}"
+    );
+    for key in ["orders/x.csv", "incoming/orders/x.csv"] {
+        let (status, stdout, _) = run(d, &["validate", "orders-2026-11-01.csv", "--key", key], &[]);
+        assert!(status.success(), "{stdout}");
+        assert!(stdout.contains("key:      incoming/orders/x.csv\n"), "{stdout}");
+        assert!(stdout.contains("target:   table \"orders\""), "{stdout}");
+    }
+}
+
+/// A file still within `source.settle_time` is not listed yet; `once` and `status` say it is
+/// there instead of reporting an empty folder.
+#[test]
+fn files_within_the_settle_time_are_reported_as_waiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("data/incoming/orders")).unwrap();
+    std::fs::write(d.join("data/incoming/orders/new.csv"), "id\n1\n").unwrap();
+    let env = kv(&[("LOADER_SOURCE__SETTLE_TIME", "1h")]);
+    let (status, stdout, stderr) = run(d, &["once"], &env);
+    assert!(status.success(), "{stdout}{stderr}");
+    assert!(stdout.starts_with("listed 0 |"), "{stdout}");
+    assert!(
+        stdout.contains("not listed yet: 1 file(s) in incoming/ changed within source.settle_time"),
+        "{stdout}"
+    );
+    let (_, stdout, _) = run(d, &["status", "--json"], &env);
+    let s: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(
+        (s["files"].as_u64(), s["settling_files"].as_u64()),
+        (Some(0), Some(1)),
+        "{s}"
     );
 }

@@ -199,7 +199,13 @@ async fn retry_failed_moves_files_back_and_they_load_once_fixed_conditions_allow
     let report = std::fs::read_to_string(d.join("data/failed/orders/a.csv.error.json")).unwrap();
     assert!(report.contains("does not exist"), "{report}");
 
-    let (status, stdout, stderr) = run(d, &["retry-failed"], &[]);
+    // The prefix is relative to failed/, or names it.
+    let (status, stdout, stderr) = run(d, &["retry-failed", "--prefix", "events/"], &[]);
+    assert!(
+        status.success() && stdout.contains("moved 0 file(s)"),
+        "{stdout}{stderr}"
+    );
+    let (status, stdout, stderr) = run(d, &["retry-failed", "--prefix", "failed/orders/"], &[]);
     assert!(status.success(), "{stdout}{stderr}");
     assert!(stdout.contains("moved 1 file(s)"), "{stdout}");
     assert_eq!(files_under(&d.join("data/failed")), Vec::<String>::new());

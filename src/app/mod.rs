@@ -45,6 +45,8 @@ pub struct OnceSummary {
     pub failed: u64,
     pub retry: u64,
     pub busy: u64,
+    /// Left for a later tick: changed within `source.settle_time`.
+    pub settling: u64,
 }
 
 impl App {
@@ -52,7 +54,16 @@ impl App {
     /// `listener`: where to serve HTTP, bound by the caller (port 0 in tests); `None` for the
     /// commands that serve nothing.
     pub async fn build(config: Config, listener: Option<TcpListener>) -> anyhow::Result<App> {
-        let source = Arc::new(Source::connect(&config.source).await?);
+        Self::build_with(config, listener, true).await
+    }
+
+    /// For `check`: a local source folder that does not exist is an error, not created.
+    pub async fn build_to_check(config: Config) -> anyhow::Result<App> {
+        Self::build_with(config, None, false).await
+    }
+
+    async fn build_with(config: Config, listener: Option<TcpListener>, create: bool) -> anyhow::Result<App> {
+        let source = Arc::new(Source::connect(&config.source, create).await?);
         let db = Arc::new(Database::connect_lazy(&config)?);
         let max_age = config.health.max_backlog_age;
         let status = Arc::new(Status::new(&config.pipeline, (!max_age.is_zero()).then_some(max_age)));
@@ -184,6 +195,7 @@ impl App {
             // After the loads, so the figures include them; the call has its own timeout.
             let _ = publisher.publish().await;
         }
+        summary.settling = self.source.settling().await.unwrap_or(0);
         self.db.close().await;
         Ok(summary)
     }
@@ -228,6 +240,8 @@ impl App {
     }
 
     pub async fn retry_failed(&self, prefix: Option<&str>) -> anyhow::Result<u64> {
+        // `failed/orders/` and `orders/` name the same files.
+        let prefix = prefix.map(|p| p.strip_prefix(FAILED).unwrap_or(p));
         self.db.ensure_ledger().await?;
         let mut moved = 0;
         let listed = self.source.list_failed_versions().await?;

@@ -46,6 +46,8 @@ pub struct Backlog {
     pub bytes: u64,
     pub oldest: Option<chrono::DateTime<chrono::Utc>>,
     pub oldest_age_seconds: Option<i64>,
+    /// In `incoming/` but not counted above: changed within `source.settle_time`.
+    pub settling_files: u64,
     pub failed_files: u64,
     /// The ten latest, newest first.
     pub latest_failures: Vec<Failure>,
@@ -181,6 +183,7 @@ impl App {
             bytes: incoming.iter().map(|o| o.size).sum(),
             oldest,
             oldest_age_seconds: oldest.map(|t| (now - t).num_seconds()),
+            settling_files: self.source.settling().await?,
             failed_files: failed.len() as u64,
             latest_failures: latest,
         })
@@ -190,8 +193,12 @@ impl App {
 impl Backlog {
     /// For a terminal.
     pub fn render(&self) -> String {
+        let settling = match self.settling_files {
+            0 => String::new(),
+            n => format!(" (and {n} changed within source.settle_time, listed on a later tick)"),
+        };
         let mut out = format!(
-            "source:   {}\nbacklog:  {} file(s), {} byte(s)\noldest:   {}\nfailed:   {} file(s) in {FAILED}\n",
+            "source:   {}\nbacklog:  {} file(s), {} byte(s){settling}\noldest:   {}\nfailed:   {} file(s) in {FAILED}\n",
             self.source,
             self.files,
             self.bytes,

@@ -46,7 +46,23 @@ fn looks_temporary(name: &str) -> bool {
 impl LocalSource {
     /// Opens (and creates when missing) `root` with its `incoming/`, `processed/`, `failed/`.
     pub fn create(root: &Path, settle_time: Duration) -> anyhow::Result<LocalSource> {
-        for dir in [INCOMING, PROCESSED, FAILED] {
+        Self::at(root, settle_time, true)
+    }
+
+    /// Opens `root`, creating it and its folders only when `create` (`check` looks, and a
+    /// mistyped path must not become a new empty folder).
+    pub fn at(root: &Path, settle_time: Duration, create: bool) -> anyhow::Result<LocalSource> {
+        if !create && !root.is_dir() {
+            // Named as it is; `check` says it is missing.
+            let root = std::path::absolute(root)?;
+            return Ok(LocalSource {
+                id: format!("file://{}", root.display()),
+                root,
+                settle_time,
+                versions: Arc::default(),
+            });
+        }
+        for dir in [INCOMING, PROCESSED, FAILED].iter().filter(|_| create) {
             std::fs::create_dir_all(root.join(dir))
                 .map_err(|e| anyhow::anyhow!("source.url: cannot create {}: {e}", root.join(dir).display()))?;
         }
@@ -95,6 +111,24 @@ impl LocalSource {
         .map_err(|e| SourceError::Transient(format!("listing task failed: {e}")))?
         .map_err(|e| SourceError::Transient(format!("listing {prefix}: {e}")))?;
         Ok((found, 1))
+    }
+
+    /// Files in `incoming/` not listed yet because they changed within `source.settle_time`.
+    pub async fn settling(&self) -> Result<u64, SourceError> {
+        let dir = self.root.join(INCOMING.trim_end_matches('/'));
+        let settle = self.settle_time;
+        let all = tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            walk(&dir, "", Duration::ZERO, SystemTime::now(), &mut out).map(|_| out)
+        })
+        .await
+        .map_err(|e| SourceError::Transient(format!("listing task failed: {e}")))?
+        .map_err(|e| SourceError::Transient(format!("listing {INCOMING}: {e}")))?;
+        let now = Utc::now();
+        Ok(all
+            .iter()
+            .filter(|o| (now - o.last_modified).to_std().unwrap_or_default() < settle)
+            .count() as u64)
     }
 
     /// The listed files with their content versions (see the module's doc). A file that is
@@ -397,10 +431,24 @@ impl LocalSource {
     }
 
     pub async fn check(&self) -> Result<(), SourceError> {
+        if !self.root.is_dir() {
+            let cwd = std::env::current_dir()
+                .map(|d| d.display().to_string())
+                .unwrap_or_default();
+            return Err(SourceError::Gone(format!(
+                "there is no folder {} (a relative source.url is taken from the working directory, {cwd}; \
+                 `run` and `once` create it)",
+                self.root.display()
+            )));
+        }
         let dir = self.root.join(INCOMING.trim_end_matches('/'));
         match tokio::fs::metadata(&dir).await {
             Ok(m) if m.is_dir() => Ok(()),
             Ok(_) => Err(SourceError::Transient(format!("{} is not a folder", dir.display()))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(SourceError::Gone(format!(
+                "there is no folder {} (`run` and `once` create it)",
+                dir.display()
+            ))),
             Err(e) => Err(classify(e, &dir)),
         }
     }

@@ -127,10 +127,11 @@ pub enum Source {
 }
 
 impl Source {
-    pub async fn connect(config: &SourceConfig) -> anyhow::Result<Source> {
+    /// `create`: make a local folder and its areas when missing (not for `check`).
+    pub async fn connect(config: &SourceConfig, create: bool) -> anyhow::Result<Source> {
         Ok(
             match crate::config::parse_source_url(&config.url).map_err(anyhow::Error::msg)? {
-                SourceUrl::Local(path) => Source::Local(local::LocalSource::create(&path, config.settle_time)?),
+                SourceUrl::Local(path) => Source::Local(local::LocalSource::at(&path, config.settle_time, create)?),
                 SourceUrl::S3 { bucket, root } => Source::S3(s3::S3Source::connect(config, bucket, root).await),
             },
         )
@@ -278,6 +279,15 @@ impl Source {
     }
 
     /// The version of the object at `path` relative to the root, if there is one.
+    /// Files in `incoming/` that listings leave out for now: a local folder's files changed
+    /// within `source.settle_time` (still being written, perhaps).
+    pub async fn settling(&self) -> Result<u64, SourceError> {
+        match self {
+            Source::Local(s) => s.settling().await,
+            Source::S3(_) => Ok(0),
+        }
+    }
+
     /// The file at `area` + `key` (`key` relative to the area), if there is one.
     pub async fn meta_at(&self, area: &str, key: &str) -> Result<Option<ObjectMeta>, SourceError> {
         match self {
