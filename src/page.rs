@@ -120,7 +120,7 @@ svg text {{ font-size: 11px; fill: #5b6475; }}
         for f in &s.recent_failures {
             let _ = writeln!(
                 html,
-                "<tr class=\"failure\"><td>{}</td><td>incoming/{}</td><td>{}</td><td>{}</td></tr>",
+                "<tr class=\"failure\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
                 time(&f.at),
                 escape(&f.key),
                 f.error.kind.as_str(),

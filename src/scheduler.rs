@@ -294,7 +294,7 @@ impl Scheduler {
         let backoff = self.backoff.clone();
         let (initial, max) = (self.initial_backoff, self.max_backoff);
         let span = match objs.as_slice() {
-            [obj] => info_span!("file", s3.key = %worker.source.location(INCOMING, &obj.key), file.etag = %obj.etag),
+            [obj] => info_span!("file", file.key = %obj.key, file.source = %worker.source.id(), file.etag = %obj.etag),
             _ => info_span!("batch", files = objs.len()),
         };
         self.tracker.spawn(

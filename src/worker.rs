@@ -108,7 +108,7 @@ impl Worker {
         let results = sink.load_batch(&self.source, batch).instrument(span).await;
         let mut by_key = std::collections::HashMap::with_capacity(results.len());
         for (obj, result) in results {
-            let span = tracing::info_span!("file", s3.key = %self.source.location(INCOMING, &obj.key));
+            let span = tracing::info_span!("file", file.key = %obj.key, file.source = %self.source.id());
             let outcome = match result {
                 Ok(loaded) => settle(self.finish(&obj, loaded).instrument(span.clone()).await),
                 Err(e) => settle(Err(e)),

@@ -137,6 +137,21 @@ async fn formats_and_routes_work_against(db: AnyDb, dir: &Path) {
             .await,
         1
     );
+    // An upsert updates the columns the file has and keeps the others: a file without `price`
+    // changes B's currency and leaves its price; a new key gets NULL where the file is silent.
+    write_old(&incoming.join("prices/2026/12/v3.csv"), b"sku,currency\nB,USD\nD,GBP\n");
+    let (status, out) = once(dir, &db);
+    assert!(status.success(), "{out}");
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM prices WHERE sku = 'B' AND price = '3.0' AND currency = 'USD'")
+            .await,
+        1
+    );
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM prices WHERE sku = 'D' AND price IS NULL AND currency = 'GBP'")
+            .await,
+        1
+    );
     let report = std::fs::read_to_string(dir.join("data/failed/strict/s2.csv.error.json")).unwrap();
     assert!(
         report.contains("are not in the file") && report.contains("\"column\": \"name\""),

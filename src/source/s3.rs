@@ -296,7 +296,7 @@ impl S3Source {
                 (_, None) => false,
             };
             if !still_ours {
-                tracing::warn!(s3.key = %dest, "another object took the destination during the move; the file stays for another name");
+                tracing::warn!(store.key = %dest, "another object took the destination during the move; the file stays for another name");
                 return Ok(MoveAs::Taken { identical: false });
             }
         }
@@ -320,7 +320,7 @@ impl S3Source {
             Err(e) => match classify(e, &format!("deleting s3://{}/{src}", self.bucket)) {
                 // Overwritten by a producer after the copy: the new version stays for its own load.
                 SourceError::Gone(m) => {
-                    tracing::info!(s3.key = %src, reason = %m, "left a newer version in place after moving the loaded one");
+                    tracing::info!(store.key = %src, reason = %m, "left a newer version in place after moving the loaded one");
                     Ok(())
                 }
                 other => Err(other),
