@@ -26,7 +26,12 @@ enum Command {
     /// Run the daemon (the default): list incoming/ every interval, load, move.
     Run,
     /// Run one tick, wait for its loads, exit (non-zero if a file failed or must be retried).
-    Once,
+    Once {
+        /// Only say which files the tick would take, into which table, by which route and
+        /// mode; load and move nothing (no database needed).
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Validate the configuration and reach the store and the database.
     Check,
     /// Print the backlog and the latest failed files.
@@ -144,6 +149,9 @@ async fn run(cli: Cli) -> ExitCode {
         }
     };
     s3_sql_loader::telemetry::init(&config.log);
+    for warning in config.warnings() {
+        tracing::warn!(warning = %warning, "the configuration is valid, but probably not as meant");
+    }
     for variable in Config::ignored_variables() {
         tracing::warn!(
             variable = %variable,
@@ -154,7 +162,17 @@ async fn run(cli: Cli) -> ExitCode {
     let daemon_command = matches!(command, Command::Run);
     let result = match command {
         Command::Run => daemon(config).await.map(|()| ExitCode::SUCCESS),
-        Command::Once => once(config).await,
+        Command::Once { dry_run: false } => once(config).await,
+        Command::Once { dry_run: true } => {
+            let app = App::build(config, None).await;
+            match app {
+                Ok(app) => app.dry_run().await.map(|plan| {
+                    print!("{}", plan.render());
+                    ExitCode::SUCCESS
+                }),
+                Err(e) => Err(e),
+            }
+        }
         Command::Check => check(config).await,
         Command::Status { json } => status(config, json).await,
         Command::Ledger { command } => ledger(config, command).await,
@@ -211,6 +229,9 @@ async fn once(config: Config) -> anyhow::Result<ExitCode> {
 
 async fn check(config: Config) -> anyhow::Result<ExitCode> {
     println!("configuration: ok");
+    for warning in config.warnings() {
+        println!("configuration: warning: {warning}");
+    }
     let app = App::build_to_check(config).await?;
     let mut ok = true;
     for (what, result) in app.check().await {

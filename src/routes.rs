@@ -10,7 +10,7 @@ use crate::error::{FileError, FileErrorKind};
 use crate::format::{Format, FormatOptions};
 use crate::schema;
 
-pub use crate::config::routes::{MissingColumns, NewColumns, RouteConfig, WriteMode};
+pub use crate::config::routes::{MissingColumns, NewColumns, RouteConfig, Unmatched, WriteMode};
 
 /// The lineage columns, in order.
 pub const METADATA_COLUMNS: [&str; 4] = ["_source_key", "_etag", "_loaded_at", "_line"];
@@ -47,6 +47,7 @@ pub struct Routes {
     create_tables: bool,
     infer_types: bool,
     ledger_table: String,
+    unmatched: Unmatched,
 }
 
 fn one_byte(value: &Option<String>, default: u8) -> u8 {
@@ -83,19 +84,37 @@ impl Routes {
             create_tables: config.database.create_tables,
             infer_types: config.database.infer_types,
             ledger_table: config.database.ledger_table.clone(),
+            unmatched: config.routing.unmatched,
         }
+    }
+
+    /// The route `key` takes: its index in `[[routes]]`, or `None` for the default.
+    pub fn route_of(&self, key: &str) -> Option<usize> {
+        self.routes.iter().position(|r| match (&r.config.prefix, &r.glob) {
+            (Some(p), _) => key.starts_with(p.as_str()),
+            (None, Some(g)) => g.is_match(key),
+            (None, None) => false,
+        })
+    }
+
+    /// Whether `key` is to be left in `incoming/` (`routing.unmatched = "leave"` and no route).
+    pub fn leaves(&self, key: &str) -> bool {
+        self.unmatched == Unmatched::Leave && self.route_of(key).is_none()
     }
 
     /// How to load the file at `key` (relative to `incoming/`).
     pub fn resolve(&self, key: &str) -> LoadSpec {
-        let route = self.routes.iter().find(|r| match (&r.config.prefix, &r.glob) {
-            (Some(p), _) => key.starts_with(p.as_str()),
-            (None, Some(g)) => g.is_match(key),
-            (None, None) => false,
-        });
+        let route = self.route_of(key).map(|i| &self.routes[i]);
         let Some(Route { config: r, .. }) = route else {
+            let table = match self.unmatched {
+                Unmatched::Fail => Err(FileError::new(
+                    FileErrorKind::Schema,
+                    "no route matches this key, and routing.unmatched = \"fail\"",
+                )),
+                Unmatched::Default | Unmatched::Leave => table_for_key(key, &self.ledger_table),
+            };
             return LoadSpec {
-                table: table_for_key(key, &self.ledger_table),
+                table,
                 format: self.defaults.clone().resolved(key),
                 write_mode: WriteMode::Append,
                 key_columns: Vec::new(),

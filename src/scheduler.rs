@@ -22,7 +22,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, error, info, info_span};
+use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::cloudwatch::Publisher;
 use crate::config::Config;
@@ -181,6 +181,23 @@ impl Scheduler {
                 return (Err(e.to_string()), listed, 0, Vec::new());
             }
             self.ledger_ready.store(true, Ordering::Relaxed);
+        }
+        let mut listing = listing;
+        let before = listing.len();
+        let mut left = None;
+        listing.retain(|o| {
+            let leave = self.worker.routes.leaves(&o.key);
+            if leave && left.is_none() {
+                left = Some(o.key.clone());
+            }
+            !leave
+        });
+        if let Some(example) = left {
+            warn!(
+                files = before - listing.len(),
+                example = %example,
+                "left in incoming/: no route matches these keys (routing.unmatched = \"leave\")"
+            );
         }
         let picked = self.pick(listing);
         if !picked.is_empty() {

@@ -407,3 +407,78 @@ fn files_within_the_settle_time_are_reported_as_waiting() {
         "{s}"
     );
 }
+
+/// Strict routing: with `routing.unmatched = "fail"` a file no route matches fails with a
+/// report instead of creating a table named after its folder; with "leave" it stays in
+/// incoming/, with a warning. A route written with `incoming/` in front is warned about.
+#[test]
+fn files_that_match_no_route_fail_or_stay_as_routing_unmatched_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("routes.toml"),
+        "[[routes]]\nprefix = \"orders/\"\n[[routes]]\nprefix = \"incoming/events/\"\n",
+    )
+    .unwrap();
+    write_old(&d.join("data/incoming/orders/a.csv"), b"id\n1\n");
+    write_old(&d.join("data/incoming/typo/b.csv"), b"id\n2\n");
+    let config = |unmatched: &str| {
+        kv(&[
+            ("LOADER_CONFIG", "routes.toml"),
+            ("LOADER_ROUTING__UNMATCHED", unmatched),
+        ])
+    };
+
+    let (status, stdout, stderr) = run(d, &["check"], &config("fail"));
+    assert!(status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("configuration: warning: routes[1].prefix: \"incoming/events/\" matches no key")
+            && stdout.contains("did you mean \"events/\"?"),
+        "{stdout}"
+    );
+
+    // A dry run says what a tick would do, and does nothing.
+    let (status, stdout, stderr) = run(d, &["once", "--dry-run"], &config("leave"));
+    assert!(status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("listed 2 | would take 1 | left in incoming/ (no route) 1"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("  orders/a.csv  ->  table orders, csv append  [routes[0] (prefix \"orders/\")]"),
+        "{stdout}"
+    );
+    let (_, stdout, _) = run(d, &["once", "--dry-run"], &config("fail"));
+    assert!(
+        stdout.contains("  typo/b.csv  ->  would FAIL: no route matches this key, and routing.unmatched = \"fail\""),
+        "{stdout}"
+    );
+    assert!(d.join("data/incoming/orders/a.csv").is_file());
+    assert_eq!(files_under(&d.join("data/processed")), Vec::<String>::new());
+
+    let (status, stdout, stderr) = run(d, &["once"], &config("leave"));
+    assert!(status.success(), "{stdout}{stderr}");
+    assert!(stdout.starts_with("listed 2 | loaded 1 "), "{stdout}");
+    assert!(d.join("data/incoming/typo/b.csv").is_file(), "left in place");
+    assert!(
+        stderr.contains("left in incoming/: no route matches these keys"),
+        "{stderr}"
+    );
+
+    let (status, stdout, stderr) = run(d, &["once"], &config("fail"));
+    assert_eq!(status.code(), Some(1), "{stdout}{stderr}");
+    let report = std::fs::read_to_string(d.join("data/failed/typo/b.csv.error.json")).unwrap();
+    assert!(report.contains("no route matches this key"), "{report}");
+    let (_, stdout, _) = run(d, &["ledger", "list", "--json"], &[]);
+    let tables: Vec<serde_json::Value> = serde_json::from_str::<serde_json::Value>(&stdout)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["table"].clone())
+        .collect();
+    assert!(
+        !tables.contains(&serde_json::json!("typo")),
+        "no table from the folder: {stdout}"
+    );
+}

@@ -14,7 +14,9 @@ use tracing::info;
 
 mod operator;
 
-pub use self::operator::{Backlog, Failure, FileHistory, Stored, relative_key, render_entries, render_history};
+pub use self::operator::{
+    Backlog, Failure, FileHistory, Plan, Planned, Stored, relative_key, render_entries, render_history,
+};
 
 use crate::cloudwatch::Publisher;
 use crate::config::Config;

@@ -64,7 +64,80 @@ pub struct Failure {
     pub message: Option<String>,
 }
 
+/// `once --dry-run`: one file the next tick would take, and what it would do with it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Planned {
+    pub key: String,
+    pub size: u64,
+    /// The table, or why the file would fail (it would go to `failed/`).
+    pub table: Result<String, String>,
+    /// `routes[i]` and its prefix or glob, or the default rule.
+    pub route: String,
+    /// `csv`, `tsv`, `jsonl`.
+    pub format: String,
+    /// `append` or `upsert`.
+    pub mode: String,
+}
+
+/// What `once --dry-run` found.
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub listed: u64,
+    /// Files no route matches, left in `incoming/` (`routing.unmatched = "leave"`).
+    pub left: u64,
+    pub settling: u64,
+    /// The files the next tick would take (oldest first, at most `schedule.max_files_per_tick`).
+    pub files: Vec<Planned>,
+}
+
 impl App {
+    /// `once --dry-run`: the files a tick would take now, each with its table, route, format
+    /// and mode; nothing is claimed, read or moved, and the database is not needed.
+    pub async fn dry_run(&self) -> anyhow::Result<Plan> {
+        let (mut listing, _) = self.source.list_incoming().await?;
+        let listed = listing.len() as u64;
+        let routes = crate::routes::Routes::new(&self.config);
+        listing.retain(|o| !routes.leaves(&o.key));
+        let left = listed - listing.len() as u64;
+        listing.sort_by(|a, b| a.last_modified.cmp(&b.last_modified).then_with(|| a.key.cmp(&b.key)));
+        listing.truncate(self.config.schedule.max_files_per_tick);
+        let files = listing
+            .into_iter()
+            .map(|o| {
+                let spec = routes.resolve(&o.key);
+                let route = match routes.route_of(&o.key) {
+                    Some(i) => {
+                        let r = &self.config.routes[i];
+                        match (&r.prefix, &r.glob) {
+                            (Some(p), _) => format!("routes[{i}] (prefix {p:?})"),
+                            (None, Some(g)) => format!("routes[{i}] (glob {g:?})"),
+                            (None, None) => format!("routes[{i}]"),
+                        }
+                    }
+                    None => "default (the key's first folder)".into(),
+                };
+                let format = spec
+                    .format
+                    .format
+                    .unwrap_or_else(|| crate::format::Format::from_key(&o.key));
+                Planned {
+                    key: o.key,
+                    size: o.size,
+                    table: spec.table.map_err(|e| e.to_string()),
+                    route,
+                    format: format!("{format:?}").to_lowercase(),
+                    mode: format!("{:?}", spec.write_mode).to_lowercase(),
+                }
+            })
+            .collect();
+        Ok(Plan {
+            listed,
+            left,
+            settling: self.source.settling().await?,
+            files,
+        })
+    }
+
     /// `ledger list`: the ledger's rows for this source that `filter` picks.
     pub async fn ledger_entries(&self, filter: &Filter) -> anyhow::Result<Vec<Entry>> {
         self.db.ensure_ledger().await?;
@@ -226,6 +299,33 @@ impl Backlog {
                 f.failed_at.format("%Y-%m-%d %H:%M:%S"),
                 f.key
             ));
+        }
+        out
+    }
+}
+
+impl Plan {
+    /// For a terminal.
+    pub fn render(&self) -> String {
+        let mut out = format!(
+            "dry run: nothing is loaded or moved\nlisted {} | would take {}{}{}\n",
+            self.listed,
+            self.files.len(),
+            match self.left {
+                0 => String::new(),
+                n => format!(" | left in incoming/ (no route) {n}"),
+            },
+            match self.settling {
+                0 => String::new(),
+                n => format!(" | not listed yet (settle time) {n}"),
+            },
+        );
+        for f in &self.files {
+            let target = match &f.table {
+                Ok(t) => format!("table {t}, {} {}", f.format, f.mode),
+                Err(e) => format!("would FAIL: {e}"),
+            };
+            out.push_str(&format!("  {}  ->  {target}  [{}]\n", f.key, f.route));
         }
         out
     }

@@ -31,6 +31,7 @@ pub const SECTIONS: &[&str] = &[
     "limits",
     "reports",
     "routes",
+    "routing",
     "redshift",
 ];
 
@@ -63,6 +64,24 @@ impl Config {
             figment = figment.merge(Toml::file_exact(file));
         }
         figment.merge(Env::prefixed("LOADER_").filter(|k| is_section(k.as_str())).split("__"))
+    }
+
+    /// What is valid but most likely not meant: a route whose prefix or glob starts with
+    /// `incoming/` never matches, since keys are relative to `incoming/`.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        for (i, r) in self.routes.iter().enumerate() {
+            for (what, pattern) in [("prefix", &r.prefix), ("glob", &r.glob)] {
+                if let Some(rest) = pattern.as_deref().and_then(|p| p.strip_prefix("incoming/")) {
+                    warnings.push(format!(
+                        "routes[{i}].{what}: {:?} matches no key unless the key itself starts with incoming/: \
+                         keys are relative to incoming/ (did you mean {rest:?}?)",
+                        pattern.as_deref().unwrap_or_default()
+                    ));
+                }
+            }
+        }
+        warnings
     }
 
     /// `LOADER_` variables that look like settings (`A__B`) but name no section: ignored, and
@@ -253,7 +272,7 @@ mod tests {
                 "schedule.intervall: unknown key; expected one of: interval, max_files_per_tick",
                 "schedule.max_files_per_tick: expected a whole number (0 or more), found string \"many\"",
                 "sourc: unknown key; expected one of: pipeline, source, database, schedule, workers, csv, http, \
-                 shutdown, log, cloudwatch, retry, claim, health, limits, reports, routes, redshift",
+                 shutdown, log, cloudwatch, retry, claim, health, limits, reports, routes, routing, redshift",
             ]
         );
     }

@@ -45,6 +45,8 @@ pub struct Config {
     pub reports: ReportsConfig,
     /// `[[routes]]`: key prefix or glob → table, format and load options.
     pub routes: Vec<routes::RouteConfig>,
+    /// `[routing]`: files that match no route.
+    pub routing: routes::RoutingConfig,
     /// Amazon Redshift's COPY settings (for `redshift://` database URLs).
     pub redshift: redshift::RedshiftConfig,
 }
@@ -68,6 +70,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             reports: ReportsConfig::default(),
             routes: Vec::new(),
+            routing: Default::default(),
             redshift: Default::default(),
         }
     }

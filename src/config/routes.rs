@@ -62,6 +62,25 @@ pub enum WriteMode {
     Upsert,
 }
 
+/// `[routing]`: what becomes of a file that no route matches.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    pub unmatched: Unmatched,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Unmatched {
+    /// Loads into the table named by the key's first folder (or its name up to the first dot).
+    #[default]
+    Default,
+    /// Fails, with a report saying no route matches.
+    Fail,
+    /// Stays in `incoming/`, not loaded, with a warning on every tick.
+    Leave,
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum NewColumns {
