@@ -33,6 +33,8 @@ const LOAD_BUCKETS: &[f64] = &[
 const LIST_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
 type Labels<const N: usize> = [(&'static str, &'static str); N];
+/// A table's name, and for files the outcome.
+type TableLabels = Vec<(&'static str, String)>;
 
 pub struct Metrics {
     /// Files whose rows were committed.
@@ -59,6 +61,10 @@ pub struct Metrics {
     errors: Family<Labels<2>, Counter>,
     load_duration: Histogram,
     list_duration: Histogram,
+    /// Per target table: files by outcome, rows, load durations.
+    table_files: Family<TableLabels, Counter>,
+    table_rows: Family<TableLabels, Counter>,
+    table_load_duration: Family<TableLabels, Histogram, fn() -> Histogram>,
     backlog_files: Gauge,
     backlog_bytes: Gauge,
     oldest_age_seconds: Gauge<f64, AtomicU64>,
@@ -139,6 +145,9 @@ impl Metrics {
             errors: Family::default(),
             load_duration: Histogram::new(LOAD_BUCKETS.iter().copied()),
             list_duration: Histogram::new(LIST_BUCKETS.iter().copied()),
+            table_files: Family::default(),
+            table_rows: Family::default(),
+            table_load_duration: Family::new_with_constructor(|| Histogram::new(LOAD_BUCKETS.iter().copied())),
             backlog_files: Gauge::default(),
             backlog_bytes: Gauge::default(),
             oldest_age_seconds: Gauge::default(),
@@ -204,6 +213,17 @@ impl Metrics {
             self.load_duration.clone(),
         );
         r.register(
+            "table_files",
+            "Files by target table and outcome (loaded, already_loaded, failed; failed files without a table count under \"\")",
+            self.table_files.clone(),
+        );
+        r.register("table_rows", "Rows committed, by target table", self.table_rows.clone());
+        r.register(
+            "table_load_duration_seconds",
+            "Time to load and move one file, by target table",
+            self.table_load_duration.clone(),
+        );
+        r.register(
             "list_duration_seconds",
             "Time to list incoming/ (all pages)",
             self.list_duration.clone(),
@@ -258,6 +278,21 @@ impl Metrics {
             .iter()
             .map(|r| self.ticks.get_or_create(&[("result", *r)]).get())
             .sum()
+    }
+
+    /// One file's outcome for its target table (`""` when it has none).
+    pub fn table_file(&self, table: &str, outcome: &'static str, rows: u64, took: Duration) {
+        self.table_files
+            .get_or_create(&vec![("table", table.to_string()), ("outcome", outcome.to_string())])
+            .inc();
+        if rows > 0 {
+            self.table_rows
+                .get_or_create(&vec![("table", table.to_string())])
+                .inc_by(rows);
+        }
+        self.table_load_duration
+            .get_or_create(&vec![("table", table.to_string())])
+            .observe(took.as_secs_f64());
     }
 
     pub fn observe_load(&self, d: Duration) {

@@ -97,6 +97,23 @@ svg text {{ font-size: 11px; fill: #5b6475; }}
     );
     html.push_str("<h2>Last hour</h2>\n");
     html.push_str(&chart(samples, now));
+    if !s.tables.is_empty() {
+        html.push_str("<h2>Tables</h2>\n<table id=\"tables\"><tr><th>table</th><th>files loaded</th><th>rows loaded</th><th>already loaded</th><th>failed</th><th>last loaded (UTC)</th></tr>\n");
+        for (name, t) in &s.tables {
+            let _ = writeln!(
+                html,
+                "<tr class=\"table\"><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num{}\">{}</td><td>{}</td></tr>",
+                escape(name),
+                t.files_loaded,
+                t.rows_loaded,
+                t.files_already_loaded,
+                if t.files_failed > 0 { " bad" } else { "" },
+                t.files_failed,
+                t.last_loaded_at.as_ref().map(time).unwrap_or_else(|| "-".into()),
+            );
+        }
+        html.push_str("</table>\n");
+    }
     html.push_str("<h2>Last ticks</h2>\n<table id=\"recent-ticks\"><tr><th>started (UTC)</th><th>took</th><th>listed</th><th>dispatched</th><th>result</th></tr>\n");
     for t in &s.recent_ticks {
         let _ = writeln!(

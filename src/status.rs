@@ -41,6 +41,19 @@ struct Inner {
     ticks: VecDeque<TickReport>,
     recent_failures: VecDeque<FailureReport>,
     samples: VecDeque<Sample>,
+    tables: std::collections::BTreeMap<String, TableTotals>,
+}
+
+/// One target table's files and rows since the process started.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TableTotals {
+    pub files_loaded: u64,
+    pub files_already_loaded: u64,
+    pub files_failed: u64,
+    pub rows_loaded: u64,
+    pub bytes_loaded: u64,
+    pub last_loaded_at: Option<DateTime<Utc>>,
+    pub last_failed_at: Option<DateTime<Utc>>,
 }
 
 /// One point of the status page's chart, taken at each listing.
@@ -146,6 +159,8 @@ pub struct StatusSnapshot {
     pub last_tick: Option<TickReport>,
     pub recent_ticks: Vec<TickReport>,
     pub recent_failures: Vec<FailureReport>,
+    /// Per target table (files that failed without one are not here).
+    pub tables: std::collections::BTreeMap<String, TableTotals>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -225,7 +240,7 @@ impl Status {
     }
 
     /// The file left `incoming/`: loaded now (`now`) or committed earlier.
-    pub fn file_loaded(&self, key: &str, rows: u64, bytes: u64, now: bool, took: Duration) {
+    pub fn file_loaded(&self, key: &str, table: Option<&str>, rows: u64, bytes: u64, now: bool, took: Duration) {
         let m = &self.metrics;
         if now {
             m.files_loaded.inc();
@@ -235,15 +250,35 @@ impl Status {
             m.files_already_loaded.inc();
         }
         m.observe_load(took);
-        self.inner().backlog.remove(key);
+        let outcome = if now { "loaded" } else { "already_loaded" };
+        m.table_file(table.unwrap_or_default(), outcome, rows, took);
+        let mut inner = self.inner();
+        inner.backlog.remove(key);
+        if let Some(table) = table {
+            let t = inner.tables.entry(table.to_string()).or_default();
+            if now {
+                t.files_loaded += 1;
+                t.rows_loaded += rows;
+                t.bytes_loaded += bytes;
+                t.last_loaded_at = Some(Utc::now());
+            } else {
+                t.files_already_loaded += 1;
+            }
+        }
     }
 
-    pub fn file_failed(&self, key: &str, error: &FileError, stage: &'static str, took: Duration) {
+    pub fn file_failed(&self, key: &str, table: Option<&str>, error: &FileError, stage: &'static str, took: Duration) {
         self.metrics.files_failed.inc();
         self.metrics.error(error.kind.as_str(), stage);
         self.metrics.observe_load(took);
+        self.metrics.table_file(table.unwrap_or_default(), "failed", 0, took);
         let mut inner = self.inner();
         inner.backlog.remove(key);
+        if let Some(table) = table {
+            let t = inner.tables.entry(table.to_string()).or_default();
+            t.files_failed += 1;
+            t.last_failed_at = Some(Utc::now());
+        }
         if inner.recent_failures.len() == RECENT_FAILURES {
             inner.recent_failures.pop_back();
         }
@@ -298,6 +333,7 @@ impl Status {
             },
             last_tick: inner.ticks.front().cloned(),
             recent_ticks: inner.ticks.iter().cloned().collect(),
+            tables: inner.tables.clone(),
             recent_failures: inner.recent_failures.iter().cloned().collect(),
         }
     }

@@ -143,19 +143,22 @@ impl Worker {
     /// Updates the status and the ledger's attempt count, and logs the outcome once.
     async fn record(&self, obj: &ObjectMeta, outcome: &FileOutcome, started: std::time::Instant) {
         let elapsed_ms = started.elapsed().as_millis() as u64;
+        let table = self.routes.resolve(&obj.key).table.ok();
+        let table = table.as_deref();
         match &outcome {
             FileOutcome::Loaded { rows } => {
                 self.status
-                    .file_loaded(&obj.key, *rows, obj.size, true, started.elapsed());
+                    .file_loaded(&obj.key, table, *rows, obj.size, true, started.elapsed());
                 info!(file.rows = rows, file.bytes = obj.size, elapsed_ms, "loaded");
             }
             FileOutcome::AlreadyLoaded => {
-                self.status.file_loaded(&obj.key, 0, obj.size, false, started.elapsed());
+                self.status
+                    .file_loaded(&obj.key, table, 0, obj.size, false, started.elapsed());
                 info!(elapsed_ms, "already loaded earlier; moved");
             }
             FileOutcome::Failed(e) => {
                 self.status
-                    .file_failed(&obj.key, e, e.kind.stage().as_str(), started.elapsed());
+                    .file_failed(&obj.key, table, e, e.kind.stage().as_str(), started.elapsed());
                 warn!(error.kind = e.kind.as_str(), error.message = %e, "failed; moved to failed/");
             }
             FileOutcome::Busy => info!("held by another loader; skipped"),

@@ -229,7 +229,31 @@ print(json.dumps(out))
         assert_eq!(m["type:s3_sql_loader_files_loaded"], "counter");
         assert_eq!(m["type:s3_sql_loader_backlog_oldest_age_seconds"], "gauge");
         assert_eq!(m["s3_sql_loader_build_info{version=0.1.0}"], 1.0, "{parser}: {m}");
+        // Per target table.
+        assert_eq!(
+            m["s3_sql_loader_table_files_total{outcome=loaded,table=orders}"], 1.0,
+            "{m}"
+        );
+        assert_eq!(
+            m["s3_sql_loader_table_files_total{outcome=failed,table=orders}"], 1.0,
+            "{m}"
+        );
+        assert_eq!(m["s3_sql_loader_table_rows_total{table=orders}"], 40.0, "{m}");
+        assert_eq!(
+            m["s3_sql_loader_table_load_duration_seconds_count{table=orders}"], 2.0,
+            "{m}"
+        );
     }
+    let s = loader.status().await;
+    assert_eq!(s["tables"]["orders"]["files_loaded"], 1, "{s}");
+    assert_eq!(s["tables"]["orders"]["rows_loaded"], 40, "{s}");
+    assert_eq!(s["tables"]["orders"]["files_failed"], 1, "{s}");
+    assert!(s["tables"]["orders"]["last_loaded_at"].is_string(), "{s}");
+    let page = reqwest::get(loader.url("/")).await.unwrap().text().await.unwrap();
+    assert!(
+        page.contains("<tr class=\"table\"><td>orders</td><td class=\"num\">1</td><td class=\"num\">40</td>"),
+        "{page}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
