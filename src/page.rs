@@ -95,6 +95,25 @@ svg text {{ font-size: 11px; fill: #5b6475; }}
         failed_class = if s.totals.files_failed > 0 { " bad" } else { "" },
         transient = s.totals.transient_errors,
     );
+    if !s.loading.is_empty() {
+        html.push_str("<h2>Loading now</h2>\n<table id=\"loading\"><tr><th>file</th><th>read</th><th>size</th><th>for</th></tr>\n");
+        for l in &s.loading {
+            let _ = writeln!(
+                html,
+                "<tr class=\"loading\"><td>{}</td><td class=\"num\">{} ({:.0} %)</td><td class=\"num\">{}</td><td class=\"num\">{:.1} s</td></tr>",
+                escape(&l.key),
+                l.bytes_read,
+                if l.size > 0 {
+                    l.bytes_read as f64 * 100.0 / l.size as f64
+                } else {
+                    0.0
+                },
+                l.size,
+                l.seconds,
+            );
+        }
+        html.push_str("</table>\n");
+    }
     html.push_str("<h2>Last hour</h2>\n");
     html.push_str(&chart(samples, now));
     if !s.tables.is_empty() {

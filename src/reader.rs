@@ -1,7 +1,12 @@
 //! One listed file to read, handed to the sink: it asks for decoded rows or, for a CSV the
 //! database can parse itself, for the raw bytes. Each call streams the object afresh.
 
-use tokio::io::AsyncRead;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, ReadBuf};
 
 use crate::error::{LoadError, Stage};
 use crate::format::{self, Decoded, FormatOptions, RawDecoded};
@@ -11,11 +16,23 @@ pub struct FileReader<'a> {
     source: &'a Source,
     obj: &'a ObjectMeta,
     format: &'a FormatOptions,
+    /// Advanced by the bytes read from the store (reset at each opening), for `/status`.
+    progress: Option<Arc<AtomicU64>>,
 }
 
 impl<'a> FileReader<'a> {
     pub fn new(source: &'a Source, obj: &'a ObjectMeta, format: &'a FormatOptions) -> FileReader<'a> {
-        FileReader { source, obj, format }
+        FileReader {
+            source,
+            obj,
+            format,
+            progress: None,
+        }
+    }
+
+    pub fn with_progress(mut self, progress: Option<Arc<AtomicU64>>) -> FileReader<'a> {
+        self.progress = progress;
+        self
     }
 
     /// The key relative to `incoming/`.
@@ -44,7 +61,33 @@ impl<'a> FileReader<'a> {
     async fn open(&self) -> Result<(Box<dyn AsyncRead + Send + Unpin>, Option<String>), LoadError> {
         let opened = self.source.open(self.obj).await;
         let opened = opened.map_err(|e| e.into_load_error(Stage::Get))?;
-        Ok((opened.reader, opened.content_encoding))
+        let reader = match &self.progress {
+            Some(counter) => {
+                counter.store(0, Ordering::Relaxed);
+                Box::new(Counting {
+                    inner: opened.reader,
+                    counter: counter.clone(),
+                }) as Box<dyn AsyncRead + Send + Unpin>
+            }
+            None => opened.reader,
+        };
+        Ok((reader, opened.content_encoding))
+    }
+}
+
+/// Counts the bytes that pass.
+struct Counting {
+    inner: Box<dyn AsyncRead + Send + Unpin>,
+    counter: Arc<AtomicU64>,
+}
+
+impl AsyncRead for Counting {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let read = buf.filled().len() - before;
+        self.counter.fetch_add(read as u64, Ordering::Relaxed);
+        polled
     }
 }
 

@@ -345,7 +345,7 @@ impl Scheduler {
                     };
                     // The versions loaded, for what a panic leaves to record.
                     let versions = unit.files().to_vec();
-                    worker.status.load_started();
+                    worker.status.load_started(&versions);
                     // Once started, a load runs to its end even if a stop comes meanwhile. It
                     // runs as a task of its own: a panic in it (ours or a dependency's) ends
                     // that task only, and is recorded as the attempt's outcome here, so the
@@ -358,7 +358,7 @@ impl Scheduler {
                         Ok(outcomes) => outcomes,
                         Err(e) => Box::pin(worker.panicked(&versions, &panic_message(e))).await,
                     };
-                    worker.status.load_ended();
+                    worker.status.load_ended(&versions);
                     if let Gate::Creates(tx) = &gate {
                         // Rows loaded means the table exists now; a header-only file creates none
                         // (and `AlreadyLoaded` does not say), so the next tick decides again.

@@ -4,8 +4,8 @@
 //! scheduler and workers, read by the HTTP handlers.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -42,6 +42,29 @@ struct Inner {
     recent_failures: VecDeque<FailureReport>,
     samples: VecDeque<Sample>,
     tables: std::collections::BTreeMap<String, TableTotals>,
+    /// The loads running now, by key: how far each has read.
+    loading: HashMap<String, Arc<Progress>>,
+}
+
+/// How far one load in flight has read its object.
+#[derive(Debug)]
+pub struct Progress {
+    pub size: u64,
+    pub started_at: DateTime<Utc>,
+    /// Bytes of the object (as stored) read so far by the current attempt.
+    pub bytes_read: Arc<AtomicU64>,
+}
+
+/// A load in flight, as `/status` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Loading {
+    pub key: String,
+    pub size: u64,
+    /// Bytes of the object read so far (as stored, so compressed for a compressed file); a
+    /// database that reads the object itself (Redshift's COPY) shows 0.
+    pub bytes_read: u64,
+    pub started_at: DateTime<Utc>,
+    pub seconds: f64,
 }
 
 /// One target table's files and rows since the process started.
@@ -155,6 +178,8 @@ pub struct StatusSnapshot {
     /// `health.max_backlog_age`.
     pub freshness: Freshness,
     pub in_flight: u64,
+    /// The files being loaded now, the longest-running first.
+    pub loading: Vec<Loading>,
     pub totals: Totals,
     pub last_tick: Option<TickReport>,
     pub recent_ticks: Vec<TickReport>,
@@ -230,13 +255,31 @@ impl Status {
         inner.ticks.push_front(tick);
     }
 
-    pub fn load_started(&self) {
-        self.inner().in_flight += 1;
+    /// A load of `files` starts: counted in flight, each file's progress followed.
+    pub fn load_started(&self, files: &[ObjectMeta]) {
+        let mut inner = self.inner();
+        inner.in_flight += 1;
+        for f in files {
+            let progress = Progress {
+                size: f.size,
+                started_at: Utc::now(),
+                bytes_read: Arc::default(),
+            };
+            inner.loading.insert(f.key.clone(), Arc::new(progress));
+        }
     }
 
-    pub fn load_ended(&self) {
+    pub fn load_ended(&self, files: &[ObjectMeta]) {
         let mut inner = self.inner();
         inner.in_flight = inner.in_flight.saturating_sub(1);
+        for f in files {
+            inner.loading.remove(&f.key);
+        }
+    }
+
+    /// The byte counter of the load of `key` in flight, for its reader to advance.
+    pub fn progress(&self, key: &str) -> Option<Arc<AtomicU64>> {
+        self.inner().loading.get(key).map(|p| p.bytes_read.clone())
     }
 
     /// The file left `incoming/`: loaded now (`now`) or committed earlier.
@@ -321,6 +364,21 @@ impl Status {
             },
             freshness: if degraded { Freshness::Degraded } else { Freshness::Ok },
             in_flight: inner.in_flight,
+            loading: {
+                let mut loading: Vec<Loading> = inner
+                    .loading
+                    .iter()
+                    .map(|(key, p)| Loading {
+                        key: key.clone(),
+                        size: p.size,
+                        bytes_read: p.bytes_read.load(Ordering::Relaxed),
+                        started_at: p.started_at,
+                        seconds: ((now - p.started_at).num_milliseconds().max(0) as f64) / 1000.0,
+                    })
+                    .collect();
+                loading.sort_by(|a, b| a.started_at.cmp(&b.started_at).then_with(|| a.key.cmp(&b.key)));
+                loading
+            },
             totals: Totals {
                 files_loaded: m.files_loaded.get(),
                 rows_loaded: m.rows_loaded.get(),

@@ -187,7 +187,7 @@ impl Worker {
     async fn load_and_move(&self, obj: &ObjectMeta) -> Result<FileOutcome, LoadError> {
         let file = self.file_ref(obj);
         let spec = self.routes.resolve(&obj.key);
-        let reader = FileReader::new(&self.source, obj, &spec.format);
+        let reader = FileReader::new(&self.source, obj, &spec.format).with_progress(self.status.progress(&obj.key));
         let loaded = self.db.load(file, &spec, &reader).await?;
         self.finish(obj, loaded).await
     }

@@ -103,6 +103,15 @@ async fn a_frozen_loaders_claim_expires_and_another_loader_takes_the_file_once()
     a.wait_up().await;
     wait_in_flight(&a).await;
     wait_read(&proxy, 256 << 10).await;
+    // /status shows the load in flight and how far it has read.
+    let s = a.status().await;
+    let loading = &s["loading"][0];
+    assert_eq!(loading["key"], "orders/big.csv", "{s}");
+    let (read, size) = (
+        loading["bytes_read"].as_u64().unwrap(),
+        loading["size"].as_u64().unwrap(),
+    );
+    assert!(read > 0 && read < size, "{s}");
     a.signal(libc::SIGSTOP); // frozen mid-load, its connections open and its rows uncommitted
     proxy.set_rules(vec![]);
 
