@@ -141,7 +141,36 @@ impl S3Source {
         if let Ok(found) = &guard {
             tracing::info!(store = %self.id, copy_guard = ?found, "probed whether the store refuses copies onto existing keys");
         }
+        self.sweep_abandoned_probes().await;
         guard
+    }
+
+    /// Probe objects a loader left when it was killed while probing (a probe takes
+    /// milliseconds): deleted once they are a minute old, so a replica probing right now keeps
+    /// its own. Best effort.
+    async fn sweep_abandoned_probes(&self) {
+        let prefix = format!("{}{}.s3-sql-loader-probe-", self.root, super::PROCESSED);
+        let Ok(listed) = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(&prefix)
+            .send()
+            .await
+        else {
+            return;
+        };
+        let cutoff = Utc::now() - chrono::TimeDelta::minutes(1);
+        for object in listed.contents() {
+            let old = object
+                .last_modified()
+                .and_then(|t| DateTime::<Utc>::from_timestamp(t.secs(), t.subsec_nanos()))
+                .is_some_and(|t| t < cutoff);
+            if let (true, Some(key)) = (old, object.key()) {
+                let _ = self.client.delete_object().bucket(&self.bucket).key(key).send().await;
+                tracing::info!(store.key = %key, "deleted a copy probe object an interrupted loader left");
+            }
+        }
     }
 
     pub fn id(&self) -> &str {
