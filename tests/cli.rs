@@ -285,7 +285,7 @@ fn the_ledger_answers_what_happened_to_a_file_and_reload_loads_it_again() {
     let (status, stdout, stderr) = run(d, &["reload", "processed/orders/a.csv"], &[]);
     assert!(status.success(), "{stdout}{stderr}");
     assert!(
-        stdout.contains("1 loaded or failed version(s) of orders/a.csv set back to pending"),
+        stdout.contains("ledger: 1 loaded or failed record(s) of this version of orders/a.csv set back to pending"),
         "{stdout}"
     );
     assert!(
@@ -481,4 +481,32 @@ fn files_that_match_no_route_fail_or_stay_as_routing_unmatched_says() {
         !tables.contains(&serde_json::json!("typo")),
         "no table from the folder: {stdout}"
     );
+}
+
+/// `retry-failed` after the file was corrected in `failed/`: the corrected version loads, and
+/// the version that failed stays `failed` in the ledger (it used to stay `pending` for ever).
+#[test]
+fn retry_failed_resets_only_the_version_that_goes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_old(&d.join("data/incoming/orders/a.csv"), b"id,amount\n1,2,3\n");
+    let (status, stdout, _) = run(d, &["once"], &[]);
+    assert_eq!(status.code(), Some(1), "{stdout}");
+    write_old(&d.join("data/failed/orders/a.csv"), b"id,amount\n1,2.50\n");
+    let (status, stdout, stderr) = run(d, &["retry-failed"], &[]);
+    assert!(
+        status.success() && stdout.contains("moved 1 file(s)"),
+        "{stdout}{stderr}"
+    );
+    let (status, stdout, _) = run(d, &["once"], &[]);
+    assert!(status.success() && stdout.contains("loaded 1 (1 rows)"), "{stdout}");
+    let (_, stdout, _) = run(d, &["ledger", "show", "orders/a.csv", "--json"], &[]);
+    let shown: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let states: Vec<&str> = shown["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["failed", "loaded"], "{shown}");
 }

@@ -178,39 +178,46 @@ impl App {
             bail!("reload needs a file's key, such as orders/2026-11-01.csv");
         }
         self.db.ensure_ledger().await?;
-        let reset = self.db.reload(self.source.id(), &key).await?;
+        // Where the file is decides which version loads again: the ledger is reset for that
+        // version only, before the file is put back.
+        let (area, obj) = match self.source.meta_at(INCOMING, &key).await? {
+            Some(obj) => (INCOMING, obj),
+            None => match self.source.meta_at(PROCESSED, &key).await? {
+                Some(obj) => (PROCESSED, obj),
+                None => match self.source.meta_at(FAILED, &key).await? {
+                    Some(obj) => (FAILED, obj),
+                    None => bail!(
+                        "no file {key} in {INCOMING}, {PROCESSED} or {FAILED} (keys are relative to those folders; \
+                         `ledger list` shows the keys the ledger knows)"
+                    ),
+                },
+            },
+        };
+        let reset = self.db.reload(self.source.id(), &key, &obj.etag).await?;
         let mut done = vec![format!(
-            "ledger: {reset} loaded or failed version(s) of {key} set back to pending"
+            "ledger: {reset} loaded or failed record(s) of this version of {key} set back to pending"
         )];
-        if self.source.meta_at(INCOMING, &key).await?.is_some() {
-            done.push(format!("{INCOMING}{key} is in place: the next tick loads it"));
-        } else if let Some(obj) = self.source.meta_at(PROCESSED, &key).await? {
-            match self.source.move_back_from_processed(&obj).await? {
-                Some(MoveOutcome::Moved { .. }) => done.push(format!(
-                    "moved {PROCESSED}{key} back to {INCOMING}{key}: the next tick loads it"
-                )),
-                Some(MoveOutcome::SourceGone) => bail!("{PROCESSED}{key} changed or went away while it was moved back"),
-                None => bail!("{INCOMING}{key} holds another version now: reload it once that one is loaded"),
+        let moved = match area {
+            INCOMING => {
+                done.push(format!("{INCOMING}{key} is in place: the next tick loads it"));
+                None
             }
-        } else if let Some(obj) = self.source.meta_at(FAILED, &key).await? {
-            match self.source.move_back_as(&obj, &key).await? {
-                Some(MoveOutcome::Moved { .. }) => {
-                    if crate::report::read(&self.source, &key).await?.is_some() {
-                        let report = format!("{FAILED}{key}{}", crate::report::SUFFIX);
-                        self.source.delete(&report).await?;
-                    }
-                    done.push(format!(
-                        "moved {FAILED}{key} back to {INCOMING}{key}: the next tick loads it"
-                    ))
+            PROCESSED => Some(self.source.move_back_from_processed(&obj).await?),
+            _ => Some(self.source.move_back_as(&obj, &key).await?),
+        };
+        match moved {
+            None => {}
+            Some(Some(MoveOutcome::Moved { .. })) => {
+                if area == FAILED && crate::report::read(&self.source, &key).await?.is_some() {
+                    let report = format!("{FAILED}{key}{}", crate::report::SUFFIX);
+                    self.source.delete(&report).await?;
                 }
-                Some(MoveOutcome::SourceGone) => bail!("{FAILED}{key} changed or went away while it was moved back"),
-                None => bail!("{INCOMING}{key} holds another version now: reload it once that one is loaded"),
+                done.push(format!(
+                    "moved {area}{key} back to {INCOMING}{key}: the next tick loads it"
+                ));
             }
-        } else {
-            bail!(
-                "no file {key} in {INCOMING}, {PROCESSED} or {FAILED} (keys are relative to those folders; \
-                 `ledger list` shows the keys the ledger knows)"
-            );
+            Some(Some(MoveOutcome::SourceGone)) => bail!("{area}{key} changed or went away while it was moved back"),
+            Some(None) => bail!("{INCOMING}{key} holds another version now: reload it once that one is loaded"),
         }
         if reset > 0 {
             done.push(

@@ -115,17 +115,18 @@ where
         Ok(rows.into_iter().map(entry).collect())
     }
 
-    /// `reload`: every loaded or failed version of `key` becomes pending with no attempts, so
-    /// that version loads again when it is in `incoming/`. Returns how many rows changed.
-    pub async fn reload(&self, source: &str, key: &str) -> Result<u64, sqlx::Error> {
+    /// `reload`: the version `etag` of `key`, loaded or failed, becomes pending with no
+    /// attempts, so that it loads again from `incoming/`. Returns how many rows changed.
+    pub async fn reload(&self, source: &str, key: &str, etag: &str) -> Result<u64, sqlx::Error> {
         let _writer = self.writer().await;
         let done = sqlx::query(AssertSqlSafe(self.sql(
             "UPDATE {L} SET state = 'pending', attempts = 0, error = NULL, row_count = NULL, loaded_at = NULL,
                  updated_at = {NOW}
-             WHERE source = ? AND object_key = ? AND state IN ('loaded', 'failed')",
+             WHERE source = ? AND object_key = ? AND etag = ? AND state IN ('loaded', 'failed')",
         )))
         .bind(source.to_string())
         .bind(key.to_string())
+        .bind(etag.to_string())
         .execute(&self.pool)
         .await?;
         Ok(done.rows())

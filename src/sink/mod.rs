@@ -204,12 +204,12 @@ impl Database {
     }
 
     /// Lets failed versions of `key` be loaded again (for `retry-failed`).
-    pub async fn reset_failed(&self, source: &str, key: &str) -> Result<u64, LoadError> {
+    pub async fn reset_failed(&self, source: &str, key: &str, etag: &str) -> Result<u64, LoadError> {
         match self {
-            Database::Postgres(s) => s.ledger().reset_failed(source, key).await,
-            Database::MySql(s) => s.ledger().reset_failed(source, key).await,
-            Database::Redshift(s) => s.reset_failed(source, key).await,
-            Database::Sqlite(s) => s.ledger().reset_failed(source, key).await,
+            Database::Postgres(s) => s.ledger().reset_failed(source, key, etag).await,
+            Database::MySql(s) => s.ledger().reset_failed(source, key, etag).await,
+            Database::Redshift(s) => s.reset_failed(source, key, etag).await,
+            Database::Sqlite(s) => s.ledger().reset_failed(source, key, etag).await,
         }
         .map_err(|e| db_error(e, Stage::Database))
     }
@@ -225,13 +225,13 @@ impl Database {
         .map_err(|e| db_error(e, Stage::Database))
     }
 
-    /// Lets loaded and failed versions of `key` load again (for `reload`).
-    pub async fn reload(&self, source: &str, key: &str) -> Result<u64, LoadError> {
+    /// Lets the version `etag` of `key`, loaded or failed, load again (for `reload`).
+    pub async fn reload(&self, source: &str, key: &str, etag: &str) -> Result<u64, LoadError> {
         match self {
-            Database::Postgres(s) => s.ledger().reload(source, key).await,
-            Database::MySql(s) => s.ledger().reload(source, key).await,
-            Database::Redshift(s) => s.reload(source, key).await,
-            Database::Sqlite(s) => s.ledger().reload(source, key).await,
+            Database::Postgres(s) => s.ledger().reload(source, key, etag).await,
+            Database::MySql(s) => s.ledger().reload(source, key, etag).await,
+            Database::Redshift(s) => s.reload(source, key, etag).await,
+            Database::Sqlite(s) => s.ledger().reload(source, key, etag).await,
         }
         .map_err(|e| db_error(e, Stage::Database))
     }

@@ -445,10 +445,8 @@ impl LocalSource {
         match tokio::fs::metadata(&dir).await {
             Ok(m) if m.is_dir() => Ok(()),
             Ok(_) => Err(SourceError::Transient(format!("{} is not a folder", dir.display()))),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(SourceError::Gone(format!(
-                "there is no folder {} (`run` and `once` create it)",
-                dir.display()
-            ))),
+            // A fresh folder (an empty volume): `run` and `once` create incoming/ in it.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(classify(e, &dir)),
         }
     }

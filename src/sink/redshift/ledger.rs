@@ -34,32 +34,36 @@ impl RedshiftSink {
         Ok(())
     }
 
-    pub async fn reset_failed(&self, source: &str, key: &str) -> Result<u64, sqlx::Error> {
+    pub async fn reset_failed(&self, source: &str, key: &str, etag: &str) -> Result<u64, sqlx::Error> {
         let sql = format!(
-            "UPDATE {} SET state = 'pending', error = NULL, updated_at = $3 WHERE source = $1 AND object_key = $2 AND state = 'failed'",
+            "UPDATE {} SET state = 'pending', error = NULL, attempts = 0, updated_at = $3
+             WHERE source = $1 AND object_key = $2 AND etag = $4 AND state = 'failed'",
             self.options.ledger
         );
         Ok(sqlx::query(AssertSqlSafe(sql))
             .bind(source)
             .bind(key)
             .bind(chrono::Utc::now())
+            .bind(etag)
             .execute(&self.pool)
             .await?
             .rows_affected())
     }
 
-    /// `reload`: loaded and failed versions of `key` become pending with no attempts.
-    pub async fn reload(&self, source: &str, key: &str) -> Result<u64, sqlx::Error> {
+    /// `reload`: the version `etag` of `key`, loaded or failed, becomes pending with no
+    /// attempts.
+    pub async fn reload(&self, source: &str, key: &str, etag: &str) -> Result<u64, sqlx::Error> {
         let sql = format!(
             "UPDATE {} SET state = 'pending', attempts = 0, error = NULL, row_count = NULL, loaded_at = NULL,
                  updated_at = $3
-             WHERE source = $1 AND object_key = $2 AND state IN ('loaded', 'failed')",
+             WHERE source = $1 AND object_key = $2 AND etag = $4 AND state IN ('loaded', 'failed')",
             self.options.ledger
         );
         Ok(sqlx::query(AssertSqlSafe(sql))
             .bind(source)
             .bind(key)
             .bind(chrono::Utc::now())
+            .bind(etag)
             .execute(&self.pool)
             .await?
             .rows_affected())
