@@ -255,7 +255,8 @@ impl App {
             // failed/ was taken by another version) goes back as `K`, so its format is known.
             let original = self.original_key(&obj).await;
             // Ledger first: a file back in incoming/ must not be taken for an already-failed one.
-            self.db.reset_failed(self.source.id(), &original, &obj.etag).await?;
+            let failed = crate::sink::entries::Reopen::Failed;
+            self.db.reopen(self.source.id(), &original, &obj.etag, failed).await?;
             let outcome = if original == obj.key {
                 Some(self.source.move_back(&obj).await?)
             } else {

@@ -5,7 +5,7 @@ use anyhow::bail;
 use serde::Serialize;
 
 use super::App;
-use crate::sink::entries::{Entry, Filter};
+use crate::sink::entries::{Entry, Filter, Reopen};
 use crate::source::{FAILED, INCOMING, MoveOutcome, PROCESSED};
 
 /// A key as an operator may write it (`incoming/K`, `processed/K`, `failed/K` or `K`), as the
@@ -193,7 +193,7 @@ impl App {
                 },
             },
         };
-        let reset = self.db.reload(self.source.id(), &key, &obj.etag).await?;
+        let reset = self.db.reopen(self.source.id(), &key, &obj.etag, Reopen::Done).await?;
         let mut done = vec![format!(
             "ledger: {reset} loaded or failed record(s) of this version of {key} set back to pending"
         )];

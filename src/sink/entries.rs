@@ -28,6 +28,24 @@ pub struct Entry {
     pub updated_at: Option<String>,
 }
 
+/// Which states [`Ledger::reopen`] takes a version from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reopen {
+    /// `retry-failed`.
+    Failed,
+    /// `reload`: loaded or failed.
+    Done,
+}
+
+impl Reopen {
+    pub(crate) fn states(self) -> &'static str {
+        match self {
+            Reopen::Failed => "('failed')",
+            Reopen::Done => "('loaded', 'failed')",
+        }
+    }
+}
+
 /// Which rows `ledger list` shows.
 #[derive(Debug, Clone, Default)]
 pub struct Filter {
@@ -115,15 +133,18 @@ where
         Ok(rows.into_iter().map(entry).collect())
     }
 
-    /// `reload`: the version `etag` of `key`, loaded or failed, becomes pending with no
-    /// attempts, so that it loads again from `incoming/`. Returns how many rows changed.
-    pub async fn reload(&self, source: &str, key: &str, etag: &str) -> Result<u64, sqlx::Error> {
+    /// The version `etag` of `key`, if it is in one of the states `from` names, becomes pending
+    /// with fresh attempts, so that it loads again from `incoming/` (`retry-failed`, `reload`:
+    /// the operator asks, so a file that ran out of attempts gets new ones). Other versions
+    /// stay as they are: they are not coming back. Returns how many rows changed.
+    pub async fn reopen(&self, source: &str, key: &str, etag: &str, from: Reopen) -> Result<u64, sqlx::Error> {
         let _writer = self.writer().await;
-        let done = sqlx::query(AssertSqlSafe(self.sql(
-            "UPDATE {L} SET state = 'pending', attempts = 0, error = NULL, row_count = NULL, loaded_at = NULL,
-                 updated_at = {NOW}
-             WHERE source = ? AND object_key = ? AND etag = ? AND state IN ('loaded', 'failed')",
-        )))
+        let done = sqlx::query(AssertSqlSafe(self.sql(&format!(
+            "UPDATE {{L}} SET state = 'pending', attempts = 0, error = NULL, row_count = NULL, loaded_at = NULL,
+                 updated_at = {{NOW}}
+             WHERE source = ? AND object_key = ? AND etag = ? AND state IN {}",
+            from.states()
+        ))))
         .bind(source.to_string())
         .bind(key.to_string())
         .bind(etag.to_string())

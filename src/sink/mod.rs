@@ -203,17 +203,6 @@ impl Database {
         .map_err(|e| db_error(e, Stage::Database))
     }
 
-    /// Lets failed versions of `key` be loaded again (for `retry-failed`).
-    pub async fn reset_failed(&self, source: &str, key: &str, etag: &str) -> Result<u64, LoadError> {
-        match self {
-            Database::Postgres(s) => s.ledger().reset_failed(source, key, etag).await,
-            Database::MySql(s) => s.ledger().reset_failed(source, key, etag).await,
-            Database::Redshift(s) => s.reset_failed(source, key, etag).await,
-            Database::Sqlite(s) => s.ledger().reset_failed(source, key, etag).await,
-        }
-        .map_err(|e| db_error(e, Stage::Database))
-    }
-
     /// The ledger's rows of `source` that `filter` picks (`ledger list`, `ledger show`).
     pub async fn entries(&self, source: &str, filter: &entries::Filter) -> Result<Vec<entries::Entry>, LoadError> {
         match self {
@@ -225,13 +214,14 @@ impl Database {
         .map_err(|e| db_error(e, Stage::Database))
     }
 
-    /// Lets the version `etag` of `key`, loaded or failed, load again (for `reload`).
-    pub async fn reload(&self, source: &str, key: &str, etag: &str) -> Result<u64, LoadError> {
+    /// Lets the version `etag` of `key` load again from the states `from` names (for
+    /// `retry-failed` and `reload`).
+    pub async fn reopen(&self, source: &str, key: &str, etag: &str, from: entries::Reopen) -> Result<u64, LoadError> {
         match self {
-            Database::Postgres(s) => s.ledger().reload(source, key, etag).await,
-            Database::MySql(s) => s.ledger().reload(source, key, etag).await,
-            Database::Redshift(s) => s.reload(source, key, etag).await,
-            Database::Sqlite(s) => s.ledger().reload(source, key, etag).await,
+            Database::Postgres(s) => s.ledger().reopen(source, key, etag, from).await,
+            Database::MySql(s) => s.ledger().reopen(source, key, etag, from).await,
+            Database::Redshift(s) => s.reopen(source, key, etag, from).await,
+            Database::Sqlite(s) => s.ledger().reopen(source, key, etag, from).await,
         }
         .map_err(|e| db_error(e, Stage::Database))
     }

@@ -349,23 +349,6 @@ where
         tx.commit().await
     }
 
-    /// Lets the failed version `etag` of `key` be loaded again, with fresh attempts (for
-    /// `retry-failed`: the operator asks for it, so a file that ran out of attempts gets new
-    /// ones). Other versions stay as they are: they are not coming back.
-    pub async fn reset_failed(&self, source: &str, key: &str, etag: &str) -> Result<u64, sqlx::Error> {
-        let _writer = self.writer().await;
-        let done = sqlx::query(AssertSqlSafe(self.sql(
-            "UPDATE {L} SET state = 'pending', error = NULL, attempts = 0, updated_at = {NOW}
-             WHERE source = ? AND object_key = ? AND etag = ? AND state = 'failed'",
-        )))
-        .bind(source.to_string())
-        .bind(key.to_string())
-        .bind(etag.to_string())
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows())
-    }
-
     /// Loads one file exactly once: see the module docs for the steps.
     pub async fn load<S>(
         &self,

@@ -8,6 +8,7 @@ use sqlx::{AssertSqlSafe, Postgres, Transaction};
 
 use super::{BatchOutcome, RedshiftSink, db};
 use crate::error::{FileError, LoadError, Stage};
+use crate::sink::entries::Reopen;
 use crate::sink::protocol::Ledger;
 use crate::sink::{LedgerRow, LoadOutcome, append_history, db_error, file_id, outcome_of_state, retries_exhausted};
 use crate::source::{ObjectMeta, Source};
@@ -34,30 +35,14 @@ impl RedshiftSink {
         Ok(())
     }
 
-    pub async fn reset_failed(&self, source: &str, key: &str, etag: &str) -> Result<u64, sqlx::Error> {
-        let sql = format!(
-            "UPDATE {} SET state = 'pending', error = NULL, attempts = 0, updated_at = $3
-             WHERE source = $1 AND object_key = $2 AND etag = $4 AND state = 'failed'",
-            self.options.ledger
-        );
-        Ok(sqlx::query(AssertSqlSafe(sql))
-            .bind(source)
-            .bind(key)
-            .bind(chrono::Utc::now())
-            .bind(etag)
-            .execute(&self.pool)
-            .await?
-            .rows_affected())
-    }
-
-    /// `reload`: the version `etag` of `key`, loaded or failed, becomes pending with no
-    /// attempts.
-    pub async fn reload(&self, source: &str, key: &str, etag: &str) -> Result<u64, sqlx::Error> {
+    /// See [`Ledger::reopen`]; times are bound (see the module docs).
+    pub async fn reopen(&self, source: &str, key: &str, etag: &str, from: Reopen) -> Result<u64, sqlx::Error> {
         let sql = format!(
             "UPDATE {} SET state = 'pending', attempts = 0, error = NULL, row_count = NULL, loaded_at = NULL,
                  updated_at = $3
-             WHERE source = $1 AND object_key = $2 AND etag = $4 AND state IN ('loaded', 'failed')",
-            self.options.ledger
+             WHERE source = $1 AND object_key = $2 AND etag = $4 AND state IN {}",
+            self.options.ledger,
+            from.states()
         );
         Ok(sqlx::query(AssertSqlSafe(sql))
             .bind(source)
