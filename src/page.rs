@@ -96,11 +96,11 @@ svg text {{ font-size: 11px; fill: #5b6475; }}
         transient = s.totals.transient_errors,
     );
     if !s.loading.is_empty() {
-        html.push_str("<h2>Loading now</h2>\n<table id=\"loading\"><tr><th>file</th><th>read</th><th>size</th><th>for</th></tr>\n");
+        html.push_str("<h2>Loading now</h2>\n<table id=\"loading\"><tr><th>file</th><th>read</th><th>size</th><th>rows so far</th><th>for</th></tr>\n");
         for l in &s.loading {
             let _ = writeln!(
                 html,
-                "<tr class=\"loading\"><td>{}</td><td class=\"num\">{} ({:.0} %)</td><td class=\"num\">{}</td><td class=\"num\">{:.1} s</td></tr>",
+                "<tr class=\"loading\"><td>{}</td><td class=\"num\">{} ({:.0} %)</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{:.1} s</td></tr>",
                 escape(&l.key),
                 l.bytes_read,
                 if l.size > 0 {
@@ -109,6 +109,7 @@ svg text {{ font-size: 11px; fill: #5b6475; }}
                     0.0
                 },
                 l.size,
+                l.rows_read,
                 l.seconds,
             );
         }

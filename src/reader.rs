@@ -16,8 +16,17 @@ pub struct FileReader<'a> {
     source: &'a Source,
     obj: &'a ObjectMeta,
     format: &'a FormatOptions,
-    /// Advanced by the bytes read from the store (reset at each opening), for `/status`.
-    progress: Option<Arc<AtomicU64>>,
+    /// Advanced as the file is read (reset at each opening), for `/status`.
+    progress: Option<ReadProgress>,
+}
+
+/// How far the current attempt of a load has read its file.
+#[derive(Debug, Clone, Default)]
+pub struct ReadProgress {
+    /// Bytes of the object as stored (compressed for a compressed file).
+    pub bytes: Arc<AtomicU64>,
+    /// Data rows handed on to the database (the header not counted).
+    pub rows: Arc<AtomicU64>,
 }
 
 impl<'a> FileReader<'a> {
@@ -30,7 +39,7 @@ impl<'a> FileReader<'a> {
         }
     }
 
-    pub fn with_progress(mut self, progress: Option<Arc<AtomicU64>>) -> FileReader<'a> {
+    pub fn with_progress(mut self, progress: Option<ReadProgress>) -> FileReader<'a> {
         self.progress = progress;
         self
     }
@@ -46,7 +55,8 @@ impl<'a> FileReader<'a> {
         tests::panic_if_asked(&self.obj.key);
         let (reader, encoding) = self.open().await?;
         let decoded = format::decode(reader, &self.obj.key, encoding.as_deref(), self.format.clone()).await;
-        decoded.map_err(LoadError::from)
+        let rows = self.progress.as_ref().map(|p| p.rows.clone());
+        decoded.map(|d| d.counting_rows(rows)).map_err(LoadError::from)
     }
 
     /// The file's bytes, decompressed, with its header and a sample read first. A transient
@@ -54,7 +64,8 @@ impl<'a> FileReader<'a> {
     pub async fn raw(&self) -> Result<RawDecoded, LoadError> {
         let (reader, encoding) = self.open().await?;
         let raw = format::pass_through(reader, &self.obj.key, encoding.as_deref(), self.format.clone()).await;
-        raw.map_err(LoadError::from)
+        let rows = self.progress.as_ref().map(|p| p.rows.clone());
+        raw.map(|r| r.counting_rows(rows)).map_err(LoadError::from)
     }
 
     /// The object's bytes at exactly the listed version, and its Content-Encoding.
@@ -62,11 +73,12 @@ impl<'a> FileReader<'a> {
         let opened = self.source.open(self.obj).await;
         let opened = opened.map_err(|e| e.into_load_error(Stage::Get))?;
         let reader = match &self.progress {
-            Some(counter) => {
-                counter.store(0, Ordering::Relaxed);
+            Some(progress) => {
+                progress.bytes.store(0, Ordering::Relaxed);
+                progress.rows.store(0, Ordering::Relaxed);
                 Box::new(Counting {
                     inner: opened.reader,
-                    counter: counter.clone(),
+                    counter: progress.bytes.clone(),
                 }) as Box<dyn AsyncRead + Send + Unpin>
             }
             None => opened.reader,
@@ -93,6 +105,65 @@ impl AsyncRead for Counting {
 
 #[cfg(test)]
 pub(crate) mod tests {
+    use super::*;
+    use crate::format::RawChunk;
+
+    /// `/status` shows a load's rows so far: both readings count the data rows they hand on
+    /// (not the header), and a new opening starts again from 0.
+    #[tokio::test]
+    async fn progress_counts_the_rows_each_reading_hands_on() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("incoming/t")).unwrap();
+        let mut csv = String::from("id,name\n");
+        for i in 0..100_000 {
+            csv.push_str(&format!("{i},name {i}\n"));
+        }
+        let path = dir.path().join("incoming/t/a.csv");
+        std::fs::write(&path, &csv).unwrap();
+        // Settled: written a minute ago.
+        let past = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(past)
+            .unwrap();
+        let config = crate::config::SourceConfig {
+            url: format!("file://{}", dir.path().display()),
+            settle_time: std::time::Duration::ZERO,
+            ..Default::default()
+        };
+        let source = Source::connect(&config, false).await.unwrap();
+        let (listing, _) = source.list_incoming().await.unwrap();
+        let listing = source.identify(listing).await;
+        let format = FormatOptions::default();
+        let progress = ReadProgress::default();
+        let reader = FileReader::new(&source, &listing[0], &format).with_progress(Some(progress.clone()));
+        let rows = || progress.rows.load(Ordering::Relaxed);
+
+        let mut raw = reader.raw().await.unwrap();
+        raw.check_types(vec![None, None]);
+        let mut partway = Vec::new();
+        while let RawChunk::Bytes(..) = raw.next().await.unwrap() {
+            partway.push(rows());
+        }
+        assert!(
+            partway.len() > 1 && partway[0] > 0 && partway[0] < 100_000,
+            "{partway:?}"
+        );
+        assert_eq!(rows(), 100_000);
+        assert_eq!(progress.bytes.load(Ordering::Relaxed), csv.len() as u64);
+
+        let mut decoded = reader.rows().await.unwrap();
+        assert_eq!(rows(), 0, "a new opening starts from 0");
+        let mut batches = 0;
+        while decoded.next_batch().await.unwrap().is_some() {
+            batches += 1;
+        }
+        assert!(batches > 1);
+        assert_eq!(rows(), 100_000);
+    }
+
     /// Keys whose reading panics, as a bug in a decoder or a dependency would (tests only).
     pub(crate) static PANIC_ON: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 

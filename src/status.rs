@@ -4,7 +4,7 @@
 //! scheduler and workers, read by the HTTP handlers.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use crate::error::FileError;
 use crate::metrics::{Exposition, Gauges, Metrics};
+use crate::reader::ReadProgress;
 use crate::source::ObjectMeta;
 
 /// How many recent failures and ticks are kept.
@@ -51,8 +52,8 @@ struct Inner {
 pub struct Progress {
     pub size: u64,
     pub started_at: DateTime<Utc>,
-    /// Bytes of the object (as stored) read so far by the current attempt.
-    pub bytes_read: Arc<AtomicU64>,
+    /// How far the current attempt has read.
+    pub read: ReadProgress,
 }
 
 /// A load in flight, as `/status` shows it.
@@ -63,6 +64,9 @@ pub struct Loading {
     /// Bytes of the object read so far (as stored, so compressed for a compressed file); a
     /// database that reads the object itself (Redshift's COPY) shows 0.
     pub bytes_read: u64,
+    /// Data rows read so far and handed on to the database (a database that reads the object
+    /// itself shows 0).
+    pub rows_read: u64,
     pub started_at: DateTime<Utc>,
     pub seconds: f64,
 }
@@ -263,7 +267,7 @@ impl Status {
             let progress = Progress {
                 size: f.size,
                 started_at: Utc::now(),
-                bytes_read: Arc::default(),
+                read: ReadProgress::default(),
             };
             inner.loading.insert(f.key.clone(), Arc::new(progress));
         }
@@ -277,9 +281,9 @@ impl Status {
         }
     }
 
-    /// The byte counter of the load of `key` in flight, for its reader to advance.
-    pub fn progress(&self, key: &str) -> Option<Arc<AtomicU64>> {
-        self.inner().loading.get(key).map(|p| p.bytes_read.clone())
+    /// The counters of the load of `key` in flight, for its reader to advance.
+    pub fn progress(&self, key: &str) -> Option<ReadProgress> {
+        self.inner().loading.get(key).map(|p| p.read.clone())
     }
 
     /// The file left `incoming/`: loaded now (`now`) or committed earlier.
@@ -371,7 +375,8 @@ impl Status {
                     .map(|(key, p)| Loading {
                         key: key.clone(),
                         size: p.size,
-                        bytes_read: p.bytes_read.load(Ordering::Relaxed),
+                        bytes_read: p.read.bytes.load(Ordering::Relaxed),
+                        rows_read: p.read.rows.load(Ordering::Relaxed),
                         started_at: p.started_at,
                         seconds: ((now - p.started_at).num_milliseconds().max(0) as f64) / 1000.0,
                     })

@@ -112,6 +112,8 @@ async fn a_frozen_loaders_claim_expires_and_another_loader_takes_the_file_once()
         loading["size"].as_u64().unwrap(),
     );
     assert!(read > 0 && read < size, "{s}");
+    // Rows so far: counted as they pass (none yet while the first megabyte is read up front).
+    assert!(loading["rows_read"].as_u64().unwrap() < 20_000, "{s}");
     a.signal(libc::SIGSTOP); // frozen mid-load, its connections open and its rows uncommitted
     proxy.set_rules(vec![]);
 

@@ -21,6 +21,8 @@ pub mod raw;
 mod read;
 
 use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::mpsc;
 
@@ -196,13 +198,26 @@ pub struct Decoded {
     /// objects or arrays, `Text` for one holding strings), else `None`: inferred.
     pub types: Vec<Option<ColumnType>>,
     batches: mpsc::Receiver<Result<Batch, DecodeFailure>>,
+    /// Advanced by the rows handed out (for `/status`).
+    rows_read: Option<Arc<AtomicU64>>,
 }
 
 impl Decoded {
+    /// Counts the rows handed out into `rows`.
+    pub fn counting_rows(mut self, rows: Option<Arc<AtomicU64>>) -> Decoded {
+        self.rows_read = rows;
+        self
+    }
+
     /// The next batch; `None` once the file is fully and successfully read.
     pub async fn next_batch(&mut self) -> Result<Option<Batch>, DecodeFailure> {
         match self.batches.recv().await {
-            Some(Ok(batch)) => Ok(Some(batch)),
+            Some(Ok(batch)) => {
+                if let Some(rows) = &self.rows_read {
+                    rows.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                }
+                Ok(Some(batch))
+            }
             Some(Err(e)) => Err(e),
             None => Ok(None),
         }
@@ -211,11 +226,11 @@ impl Decoded {
 
 /// One piece of a raw stream.
 pub enum RawChunk {
-    Bytes(Vec<u8>),
+    /// Bytes to pass on, and how many records (the header included) the reader had read when
+    /// they were sent.
+    Bytes(Vec<u8>, u64),
     /// The end, with the number of records the scanner counted (the header included).
-    End {
-        records: u64,
-    },
+    End { records: u64 },
 }
 
 /// A CSV file passed through as bytes.
@@ -226,9 +241,17 @@ pub struct RawDecoded {
     pub sample: Option<Batch>,
     chunks: mpsc::Receiver<Result<RawChunk, DecodeFailure>>,
     types: Option<tokio::sync::oneshot::Sender<Vec<Option<ColumnCheck>>>>,
+    /// Set to the data rows passed so far (for `/status`).
+    rows_read: Option<Arc<AtomicU64>>,
 }
 
 impl RawDecoded {
+    /// Counts the data rows passed into `rows`.
+    pub fn counting_rows(mut self, rows: Option<Arc<AtomicU64>>) -> RawDecoded {
+        self.rows_read = rows;
+        self
+    }
+
     /// What each of the file's columns must satisfy in the table (`None`: nothing to check).
     /// Must be given before [`RawDecoded::next`]: every record is checked against it with the
     /// parser's rules while its bytes pass through.
@@ -243,7 +266,12 @@ impl RawDecoded {
         debug_assert!(self.types.is_none(), "check_types comes first");
         self.types.take(); // never given: the reader stops instead of waiting for it
         match self.chunks.recv().await {
-            Some(result) => result,
+            Some(result) => {
+                if let (Ok(RawChunk::Bytes(_, records)), Some(rows)) = (&result, &self.rows_read) {
+                    rows.store(records.saturating_sub(u64::from(self.has_header)), Ordering::Relaxed);
+                }
+                result
+            }
             None => Err(DecodeFailure::Source(io::Error::other(
                 "the reader stopped unexpectedly",
             ))),

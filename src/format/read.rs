@@ -62,6 +62,7 @@ pub async fn decode(
             header,
             types,
             batches: rx,
+            rows_read: None,
         }),
         Ok(Err(e)) => Err(e),
         Err(_) => Err(DecodeFailure::Source(io::Error::other(
@@ -100,6 +101,7 @@ pub async fn pass_through(
             sample: prefix.sample,
             chunks: raw_rx,
             types: Some(types_tx),
+            rows_read: None,
         }),
         Ok(Err(e)) => Err(e),
         Err(_) => Err(DecodeFailure::Source(io::Error::other(
@@ -212,14 +214,14 @@ fn pass_raw(
     let mut scanner = raw::Scanner::new(options.quote, options.delimiter);
     let null = options.null.as_bytes();
     let mut records = 0u64;
-    let flush = |scanner: &mut raw::Scanner, all: bool| -> Result<bool, &'static str> {
+    let flush = |scanner: &mut raw::Scanner, records: u64, all: bool| -> Result<bool, &'static str> {
         let mut out = consumed.borrow_mut();
         if out.is_empty() || (!all && out.len() < raw::CHUNK_BYTES) {
             return Ok(true);
         }
         let chunk = std::mem::replace(&mut *out, Vec::with_capacity(2 * raw::CHUNK_BYTES));
         scanner.feed(&chunk)?;
-        Ok(tx.blocking_send(Ok(RawChunk::Bytes(chunk))).is_ok())
+        Ok(tx.blocking_send(Ok(RawChunk::Bytes(chunk, records))).is_ok())
     };
     loop {
         match reader.read(&mut record) {
@@ -243,13 +245,13 @@ fn pass_raw(
             }
             Err(Err(_)) => return unsuitable("malformed CSV"),
         }
-        match flush(&mut scanner, false) {
+        match flush(&mut scanner, records, false) {
             Ok(true) => {}
             Ok(false) => return, // the load was abandoned
             Err(why) => return unsuitable(why),
         }
     }
-    match flush(&mut scanner, true) {
+    match flush(&mut scanner, records, true) {
         Ok(true) => {}
         Ok(false) => return,
         Err(why) => return unsuitable(why),

@@ -142,7 +142,7 @@ impl PgSink {
         let sent: Result<Option<u64>, LoadError> = async {
             loop {
                 match raw.next().await {
-                    Ok(RawChunk::Bytes(bytes)) => {
+                    Ok(RawChunk::Bytes(bytes, _)) => {
                         copy.send(bytes)
                             .await
                             .map_err(|e| copy_error(e, &plan.columns, header_lines))?;
