@@ -57,8 +57,9 @@ enum Command {
         #[arg(long)]
         prefix: Option<String>,
     },
-    /// Decode a local file as the loader would (its route, format, names and types) and say
-    /// what would load or why it would fail, without touching any database.
+    /// Decode a local file as the loader would (its route, format, names and types), check it
+    /// against the target table when the database has one, and say what would load or why it
+    /// would fail. Writes nothing.
     Validate {
         /// The file to check.
         file: PathBuf,
@@ -66,6 +67,9 @@ enum Command {
         /// path after `incoming/` if it has one, else the file name).
         #[arg(long)]
         key: Option<String>,
+        /// Do not ask the database: check the file as for a new table.
+        #[arg(long)]
+        offline: bool,
     },
     /// Exit 0 when the daemon's /healthz answers 200 (for container health checks).
     Healthcheck {
@@ -178,7 +182,7 @@ async fn run(cli: Cli) -> ExitCode {
         Command::Ledger { command } => ledger(config, command).await,
         Command::Reload { key } => reload(config, key).await,
         Command::RetryFailed { prefix } => retry_failed(config, prefix).await,
-        Command::Validate { file, key } => validate(config, file, key).await,
+        Command::Validate { file, key, offline } => validate(config, file, key, offline).await,
         Command::Healthcheck { url } => {
             let port = config.listen_addr().port();
             return healthcheck(url.unwrap_or_else(|| format!("http://127.0.0.1:{port}/healthz"))).await;
@@ -312,7 +316,7 @@ async fn retry_failed(config: Config, prefix: Option<String>) -> anyhow::Result<
     Ok(ExitCode::SUCCESS)
 }
 
-async fn validate(config: Config, file: PathBuf, key: Option<String>) -> anyhow::Result<ExitCode> {
+async fn validate(config: Config, file: PathBuf, key: Option<String>, offline: bool) -> anyhow::Result<ExitCode> {
     let given = key.is_some();
     // `--key incoming/orders/x.csv` means the file at that key, as everywhere else.
     let key = key.map(|k| s3_sql_loader::app::relative_key(&k)).unwrap_or_else(|| {
@@ -325,7 +329,7 @@ async fn validate(config: Config, file: PathBuf, key: Option<String>) -> anyhow:
                 .unwrap_or_default(),
         }
     });
-    let v = s3_sql_loader::app::validate_file(&config, &file, &key).await?;
+    let v = s3_sql_loader::app::validate_file(&config, &file, &key, offline).await?;
     println!("file:     {}", file.display());
     println!("key:      incoming/{}", v.key);
     match &v.spec.table {
@@ -340,17 +344,36 @@ async fn validate(config: Config, file: PathBuf, key: Option<String>) -> anyhow:
         ),
         Err(_) => println!("target:   none"),
     }
+    use s3_sql_loader::app::TableSeen;
+    let against = match &v.table {
+        TableSeen::Exists(columns) => {
+            let columns: Vec<String> = columns.iter().map(|(c, t)| format!("{c} {t}")).collect();
+            println!("table:    exists: {}", columns.join(", "));
+            "checked against the existing table"
+        }
+        TableSeen::New => {
+            println!("table:    does not exist yet: a load would create it");
+            "types as a new table would get them"
+        }
+        TableSeen::Unreachable(why) => {
+            println!("table:    not checked: {why}");
+            "types as a new table would get them; the existing table was not checked"
+        }
+        TableSeen::NotAsked => "types as a new table would get them",
+    };
     if !v.columns.is_empty() {
         let columns: Vec<String> = v.columns.iter().map(|(c, t)| format!("{c} {}", t.describe())).collect();
-        println!("columns:  {}", columns.join(", "));
+        let label = if matches!(v.table, TableSeen::Exists(_)) {
+            "adds:    "
+        } else {
+            "columns: "
+        };
+        println!("{label} {}", columns.join(", "));
     }
     println!("rows:     {}", v.rows);
     match v.error {
         None => {
-            println!(
-                "result:   ok: would load {} row(s) (types as a new table would get them)",
-                v.rows
-            );
+            println!("result:   ok: would load {} row(s) ({against})", v.rows);
             Ok(ExitCode::SUCCESS)
         }
         Some(e) => {

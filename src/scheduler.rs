@@ -54,6 +54,8 @@ pub struct Scheduler {
     tracker: TaskTracker,
     stop: CancellationToken,
     publisher: Option<Arc<Publisher>>,
+    /// Log a failed tick (the daemon), or leave it to the caller, which reports it (`once`).
+    log_failed_ticks: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -86,7 +88,14 @@ impl Scheduler {
             tracker: TaskTracker::new(),
             stop,
             publisher,
+            log_failed_ticks: true,
         }
+    }
+
+    /// For `once`: a failed tick is not logged here, because the caller reports it (once).
+    pub fn leaving_failed_ticks_to_the_caller(mut self) -> Scheduler {
+        self.log_failed_ticks = false;
+        self
     }
 
     /// Ticks every `schedule.interval` until `stop`, then waits up to `grace` for loads in
@@ -153,14 +162,24 @@ impl Scheduler {
             dispatched,
             result: match result {
                 Ok(()) => TickResult::Ok,
-                Err(e) => TickResult::Failed(e),
+                Err((stage, e)) => {
+                    if self.log_failed_ticks {
+                        let what = match stage {
+                            Stage::List => format!("listing {INCOMING} failed"),
+                            _ => "cannot reach the database".to_string(),
+                        };
+                        error!(error.stage = stage.as_str(), error.message = %e, "{what}");
+                    }
+                    TickResult::Failed(e)
+                }
             },
         };
         self.worker.status.record_tick(report);
         handles
     }
 
-    async fn tick_inner(&self) -> (Result<(), String>, u64, u64, Vec<JoinHandle<Vec<FileOutcome>>>) {
+    /// The tick's work; a failure says at which stage (listing, or the database's ledger).
+    async fn tick_inner(&self) -> (Result<(), (Stage, String)>, u64, u64, Vec<JoinHandle<Vec<FileOutcome>>>) {
         let listing_started = Instant::now();
         let listing = match self.worker.source.list_incoming().await {
             Ok((listing, calls)) => {
@@ -169,16 +188,12 @@ impl Scheduler {
                     .record_listing(&listing, calls, listing_started.elapsed());
                 listing
             }
-            Err(e) => {
-                error!(error.stage = Stage::List.as_str(), error.message = %e, "listing {INCOMING} failed");
-                return (Err(e.to_string()), 0, 0, Vec::new());
-            }
+            Err(e) => return (Err((Stage::List, e.to_string())), 0, 0, Vec::new()),
         };
         let listed = listing.len() as u64;
         if !self.ledger_ready.load(Ordering::Relaxed) {
             if let Err(e) = self.worker.db.ensure_ledger().await {
-                error!(error.stage = Stage::Database.as_str(), error.message = %e, "cannot reach the database");
-                return (Err(e.to_string()), listed, 0, Vec::new());
+                return (Err((Stage::Database, e.to_string())), listed, 0, Vec::new());
             }
             self.ledger_ready.store(true, Ordering::Relaxed);
         }

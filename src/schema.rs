@@ -209,6 +209,21 @@ impl ColumnType {
     }
 
     /// For messages: the type and the form it accepts.
+    /// The loader's name for the type, as `[routes.column_types]` takes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ColumnType::Integer => "integer",
+            ColumnType::Numeric => "numeric",
+            ColumnType::Float => "float",
+            ColumnType::Boolean => "boolean",
+            ColumnType::Date => "date",
+            ColumnType::Timestamp => "timestamp",
+            ColumnType::TimestampTz => "timestamptz",
+            ColumnType::Text => "text",
+            ColumnType::Json => "json",
+        }
+    }
+
     pub fn describe(self) -> &'static str {
         match self {
             ColumnType::Integer => "integer",

@@ -185,6 +185,10 @@ fn validate_says_what_would_load_or_why_not_without_a_database() {
     assert!(status.success(), "{stdout}{stderr}");
     assert!(stdout.contains("target:   table \"orders\""), "{stdout}");
     assert!(
+        stdout.contains("table:    not checked: cannot connect to 127.0.0.1:1: Connection refused"),
+        "{stdout}"
+    );
+    assert!(
         stdout.contains("id integer, customer text, amount decimal, paid boolean"),
         "{stdout}"
     );
@@ -213,6 +217,84 @@ fn validate_says_what_would_load_or_why_not_without_a_database() {
         "{stdout}"
     );
     assert!(!d.join("data").exists(), "validate creates no folders or databases");
+}
+
+/// `validate` checks a file against the table the database already has, as a load would: a
+/// value the existing column cannot hold fails it, as the daemon then fails the same file; a
+/// new column is named as one the load would add; `--offline` checks as for a new table.
+#[test]
+fn validate_checks_the_file_against_the_existing_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("data")).unwrap();
+    let made = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); \
+             c.execute('CREATE TABLE prices (id INTEGER, amount DOUBLE, note TEXT)'); c.commit()",
+        ])
+        .arg(d.join("data/loader.db"))
+        .status()
+        .unwrap();
+    assert!(made.success());
+    std::fs::write(d.join("p.csv"), "id,amount\n1,2.5\n2,n/a\n").unwrap();
+    let (status, stdout, stderr) = run(d, &["validate", "p.csv", "--key", "prices/p.csv"], &[]);
+    assert_eq!(status.code(), Some(1), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("table:    exists: id integer, amount float, note text"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("would FAIL (type): \"n/a\" is not a valid number (line 3) (column amount)"),
+        "{stdout}"
+    );
+    // The daemon agrees.
+    write_old(&d.join("data/incoming/prices/p.csv"), b"id,amount\n1,2.5\n2,n/a\n");
+    let (status, stdout, stderr) = run(d, &["once"], &[]);
+    assert_eq!(status.code(), Some(1), "{stdout}{stderr}");
+    assert!(stdout.contains("failed 1"), "{stdout}");
+    assert!(d.join("data/failed/prices/p.csv").is_file());
+
+    // Offline, the same file is checked as for a new table, where `amount` would be text.
+    let (status, stdout, _) = run(d, &["validate", "p.csv", "--key", "prices/p.csv", "--offline"], &[]);
+    assert!(status.success(), "{stdout}");
+    assert!(!stdout.contains("table:"), "{stdout}");
+    assert!(stdout.contains("columns:  id integer, amount text"), "{stdout}");
+    assert!(
+        stdout.contains("would load 2 row(s) (types as a new table would get them)"),
+        "{stdout}"
+    );
+
+    // A file that fits, with a column the table lacks: refused by default, added when the
+    // route says `on_new_columns = "add"`.
+    std::fs::write(d.join("q.csv"), "id,amount,size\n1,2.5,XL\n").unwrap();
+    let (status, stdout, _) = run(d, &["validate", "q.csv", "--key", "prices/q.csv"], &[]);
+    assert_eq!(status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("would FAIL (schema): column(s) size of the file are not in table \"prices\""),
+        "{stdout}"
+    );
+    std::fs::write(
+        d.join("add.toml"),
+        "[[routes]]\nprefix = \"prices/\"\non_new_columns = \"add\"\n",
+    )
+    .unwrap();
+    let add = kv(&[("LOADER_CONFIG", "add.toml")]);
+    let (status, stdout, _) = run(d, &["validate", "q.csv", "--key", "prices/q.csv"], &add);
+    assert!(status.success(), "{stdout}");
+    assert!(stdout.contains("adds:     size text"), "{stdout}");
+    assert!(
+        stdout.contains("would load 1 row(s) (checked against the existing table)"),
+        "{stdout}"
+    );
+
+    // A table the database does not have yet.
+    let (status, stdout, _) = run(d, &["validate", "q.csv", "--key", "sizes/q.csv"], &[]);
+    assert!(status.success(), "{stdout}");
+    assert!(
+        stdout.contains("table:    does not exist yet: a load would create it"),
+        "{stdout}"
+    );
 }
 
 /// "What happened to file K?" and "reload file K", one command each: `ledger list`, `ledger
@@ -357,6 +439,14 @@ fn a_wrong_database_port_or_bucket_is_named_in_one_line() {
     assert!(
         !stdout.contains("ServiceError") && !stderr.contains("ServiceError"),
         "{stdout}{stderr}"
+    );
+    // `once` says it once, as its error, not also as a log line before it.
+    let (status, stdout, stderr) = run(d, &["once"], &env);
+    assert_eq!(status.code(), Some(1), "{stdout}{stderr}");
+    assert_eq!(stderr.matches("NoSuchBucket").count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("error: listing s3://no-such-bucket/incoming/: NoSuchBucket"),
+        "{stderr}"
     );
 }
 

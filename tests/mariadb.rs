@@ -297,3 +297,38 @@ async fn a_frozen_loaders_claim_expires_and_another_loader_takes_the_file_once_o
         "the claim is released after the load"
     );
 }
+
+/// `validate` reads an existing MariaDB table: a DECIMAL(12,2) column refuses a value it would
+/// round, a DOUBLE column a value that is not a number.
+#[tokio::test(flavor = "multi_thread")]
+async fn validate_checks_values_against_an_existing_mariadb_table() {
+    let db = MyDb::create("validate").await;
+    sqlx::query("CREATE TABLE amounts (id int, amount decimal(12,2), rate double)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("ok.csv"), "id,amount,rate\n1,2.50,0.5\n").unwrap();
+    std::fs::write(d.join("round.csv"), "id,amount,rate\n1,1.234,0.5\n").unwrap();
+    std::fs::write(d.join("nan.csv"), "id,amount,rate\n1,1.23,high\n").unwrap();
+    let env = kv(&[("LOADER_DATABASE__URL", db.url.as_str())]);
+    let (status, stdout, stderr) = run(d, &["validate", "ok.csv", "--key", "amounts/ok.csv"], &env);
+    assert!(status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("table:    exists: id integer, amount numeric, rate float"),
+        "{stdout}"
+    );
+    let (status, stdout, _) = run(d, &["validate", "round.csv", "--key", "amounts/round.csv"], &env);
+    assert_eq!(status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("\"1.234\" has more than 2 digits after the point: the column would round it"),
+        "{stdout}"
+    );
+    let (status, stdout, _) = run(d, &["validate", "nan.csv", "--key", "amounts/nan.csv"], &env);
+    assert_eq!(status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("\"high\" is not a valid number (line 2) (column rate)"),
+        "{stdout}"
+    );
+}

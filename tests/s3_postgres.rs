@@ -171,12 +171,23 @@ async fn bad_files_go_to_failed_with_reports_and_leave_no_rows_while_good_ones_l
         .put("incoming/orders/badcol.csv", "id,\"x; drop table orders\"\n1,2\n")
         .await;
     bucket.put("incoming/orders/good.csv", orders_csv(200, 5)).await;
-    let (status, stdout, _) = run(dir.path(), &["once"], &env);
+    let (status, stdout, stderr) = run(dir.path(), &["once"], &env);
     assert_eq!(status.code(), Some(1));
     assert!(
         stdout.contains("loaded 1 (5 rows)") && stdout.contains("failed 5"),
         "{stdout}"
     );
+    // The log names the kind as the report does (`type`, not `Type`).
+    let logged: Vec<serde_json::Value> = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["message"] == "failed; moved to failed/")
+        .collect();
+    let typed_log = logged
+        .iter()
+        .find(|e| e["file.key"] == "orders/typed.csv" || e["span"]["file.key"] == "orders/typed.csv")
+        .unwrap_or_else(|| panic!("{stderr}"));
+    assert_eq!(typed_log["error.kind"], "type", "{typed_log}");
 
     assert_eq!(bucket.keys("incoming/").await, Vec::<String>::new());
     assert_eq!(
@@ -453,4 +464,38 @@ async fn a_store_that_ignores_conditional_copies_is_found_out_and_processed_is_n
     );
     assert!(processed[1].starts_with("processed/orders/a.csv."), "{processed:?}");
     assert_eq!(db.count("SELECT count(*) FROM orders").await, 25);
+}
+
+/// `validate` reads an existing PostgreSQL table's declared limits: a value `numeric(12,2)`
+/// would round fails, with the column and line; one that fits would load.
+#[tokio::test(flavor = "multi_thread")]
+async fn validate_checks_values_against_an_existing_postgres_tables_limits() {
+    let db = PgDb::create("validate_limits").await;
+    sqlx::query("CREATE TABLE amounts (id integer, amount numeric(12,2))")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("ok.csv"), "id,amount\n1,2.50\n").unwrap();
+    std::fs::write(d.join("bad.csv"), "id,amount\n1,2.50\n2,1.234\n").unwrap();
+    let env = kv(&[("LOADER_DATABASE__URL", db.url.as_str())]);
+    let (status, stdout, stderr) = run(d, &["validate", "ok.csv", "--key", "amounts/ok.csv"], &env);
+    assert!(status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("table:    exists: id integer, amount numeric"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("would load 1 row(s) (checked against the existing table)"),
+        "{stdout}"
+    );
+    let (status, stdout, _) = run(d, &["validate", "bad.csv", "--key", "amounts/bad.csv"], &env);
+    assert_eq!(status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains(
+            "would FAIL (type): \"1.234\" has more than 2 digits after the point: the column would round it (line 3) (column amount)"
+        ),
+        "{stdout}"
+    );
 }

@@ -169,7 +169,7 @@ impl App {
     /// One tick, waiting for every load it started.
     pub async fn run_once(self) -> anyhow::Result<OnceSummary> {
         let stop = CancellationToken::new();
-        let scheduler = Scheduler::new(&self.config, self.worker(), stop, None);
+        let scheduler = Scheduler::new(&self.config, self.worker(), stop, None).leaving_failed_ticks_to_the_caller();
         let handles = scheduler.tick().await;
         let snapshot = self.status.snapshot();
         if let Some(tick) = snapshot.last_tick.as_ref().filter(|t| !t.result.is_ok()) {
@@ -288,20 +288,49 @@ impl App {
 pub struct Validation {
     pub key: String,
     pub spec: crate::routes::LoadSpec,
+    /// What the database said of the target table.
+    pub table: TableSeen,
+    /// The columns a load would create or add.
     pub columns: Vec<(String, crate::schema::ColumnType)>,
     pub rows: u64,
     pub error: Option<crate::error::FileError>,
 }
 
+/// What `validate` knows of the table a load would write to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TableSeen {
+    /// Not asked (`--offline`, or the key names no table).
+    NotAsked,
+    /// It does not exist yet: the load would create it.
+    New,
+    /// It exists with these columns (name and type, in the loader's words), and the file is
+    /// checked against them, as a load would check it.
+    Exists(Vec<(String, String)>),
+    /// The database could not be asked (why): the file is checked as for a new table.
+    Unreachable(String),
+}
+
 /// `validate FILE`: decodes a local file with the settings of the route its `key` (relative to
-/// `incoming/`) would get, checks its names and every value against the types a new table
-/// would get (widened as a load would widen them), and touches no database.
-pub async fn validate_file(config: &Config, path: &std::path::Path, key: &str) -> anyhow::Result<Validation> {
+/// `incoming/`) would get, and checks its names and every value against the table a load would
+/// meet: the existing table's columns, types and declared limits when the database has it (not
+/// asked when `offline`), else the types a new table would get (widened as a load would widen
+/// them). Writes nothing, and creates no database.
+pub async fn validate_file(
+    config: &Config,
+    path: &std::path::Path,
+    key: &str,
+    offline: bool,
+) -> anyhow::Result<Validation> {
     let mut spec = Routes::new(config).resolve(key);
+    let (table, existing) = match &spec.table {
+        Ok(table) if !offline => existing_table(config, table).await,
+        _ => (TableSeen::NotAsked, None),
+    };
     loop {
         let mut validation = Validation {
             key: key.to_string(),
             spec: spec.clone(),
+            table: table.clone(),
             columns: Vec::new(),
             rows: 0,
             error: None,
@@ -313,7 +342,9 @@ pub async fn validate_file(config: &Config, path: &std::path::Path, key: &str) -
         let file = tokio::fs::File::open(path)
             .await
             .with_context(|| format!("opening {}", path.display()))?;
-        validation.error = read_all_values(file, key, &spec, &mut validation).await.err();
+        validation.error = read_all_values(file, key, &spec, existing.clone(), &mut validation)
+            .await
+            .err();
         let failed = validation.error.clone().map(crate::error::LoadError::Permanent);
         let new_columns = validation.columns.clone();
         match failed.and_then(|e| crate::sink::widened_spec(&e, &new_columns, &spec)) {
@@ -323,11 +354,53 @@ pub async fn validate_file(config: &Config, path: &std::path::Path, key: &str) -
     }
 }
 
+/// Asks the database for `table`'s columns, without creating anything: a SQLite file that does
+/// not exist holds no table, and a server that does not answer within a few seconds is
+/// reported, not waited for.
+async fn existing_table(config: &Config, table: &str) -> (TableSeen, Option<crate::sink::TableShape>) {
+    use std::str::FromStr;
+    let url = config.database.url.expose_secret();
+    let unreachable = |why: String| {
+        let why = crate::redact::scrub(&why, &[url]);
+        (TableSeen::Unreachable(why), None)
+    };
+    if config.dialect() == Ok(crate::config::Dialect::Sqlite) {
+        match sqlx::sqlite::SqliteConnectOptions::from_str(url) {
+            Ok(o) if o.get_filename().exists() => {}
+            Ok(_) => return (TableSeen::New, None),
+            Err(e) => return unreachable(e.to_string()),
+        }
+    }
+    let db = match Database::connect_lazy(config) {
+        Ok(db) => db,
+        Err(e) => return unreachable(e.to_string()),
+    };
+    if let Some(Err(why)) = db.probe().await {
+        return unreachable(why);
+    }
+    let ask = async {
+        db.ping().await?;
+        db.table_shape(table).await.map_err(|e| e.to_string())
+    };
+    let asked = tokio::time::timeout(Duration::from_secs(10), ask).await;
+    db.close().await;
+    match asked {
+        Ok(Ok(Some(shape))) => {
+            let columns = shape.0.iter().map(|(c, t)| (c.clone(), t.name().to_string())).collect();
+            (TableSeen::Exists(columns), Some(shape))
+        }
+        Ok(Ok(None)) => (TableSeen::New, None),
+        Ok(Err(why)) => unreachable(why),
+        Err(_) => unreachable("no database session within 10s".into()),
+    }
+}
+
 /// One reading of the file for [`validate_file`]: columns and rows into `validation`.
 async fn read_all_values(
     file: tokio::fs::File,
     key: &str,
     spec: &crate::routes::LoadSpec,
+    existing: Option<crate::sink::TableShape>,
     validation: &mut Validation,
 ) -> Result<(), crate::error::FileError> {
     use crate::error::FileErrorKind;
@@ -340,13 +413,27 @@ async fn read_all_values(
     }
     let names = crate::sink::file_columns(&decoded.header)?;
     let first = decoded.next_batch().await.map_err(as_file_error)?;
-    let plan = crate::sink::plan_load("(new)", &names, &decoded.types, None, spec, first.as_ref())?;
+    let (columns, limits) = existing.map_or((None, Default::default()), |(c, l)| (Some(c), l));
+    let table = spec.table.as_deref().unwrap_or("(new)");
+    let plan = crate::sink::plan_load(table, &names, &decoded.types, columns, spec, first.as_ref())?;
     validation.columns = plan.new_columns();
+    let checks: Vec<crate::schema::ColumnCheck> = plan
+        .types
+        .iter()
+        .zip(&plan.columns)
+        .map(|(ty, c)| crate::schema::ColumnCheck {
+            ty: *ty,
+            limits: limits.get(c).copied().unwrap_or_default(),
+        })
+        .collect();
     let mut batch = first;
     while let Some(b) = batch {
         for r in 0..b.len() {
-            for ((value, ty), column) in b.row(r).zip(&plan.types).zip(&plan.columns) {
-                ty.convert(value)
+            for ((value, check), column) in b.row(r).zip(&checks).zip(&plan.columns) {
+                check
+                    .ty
+                    .convert(value)
+                    .and_then(|_| value.map_or(Ok(()), |v| check.limits.check(v)))
                     .map_err(|m| b.error_at(r, column, FileErrorKind::Type, m))?;
             }
             validation.rows += 1;

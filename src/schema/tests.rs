@@ -186,3 +186,21 @@ fn words_like_nan_and_inf_are_not_numbers() {
     assert!(ColumnType::Float.accepts("-0.5e-3"));
     assert!(!ColumnType::Integer.accepts("99999999999999999999"));
 }
+
+#[test]
+fn each_types_name_is_one_a_route_can_declare() {
+    use ColumnType::*;
+    for t in [
+        Integer,
+        Numeric,
+        Float,
+        Boolean,
+        Date,
+        Timestamp,
+        TimestampTz,
+        Text,
+        Json,
+    ] {
+        assert_eq!(ColumnType::from_declared(t.name()), Some(t), "{}", t.name());
+    }
+}

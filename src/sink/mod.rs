@@ -47,6 +47,12 @@ impl FileRef<'_> {
     }
 }
 
+/// A table's columns with their types, and the limits their declarations add.
+pub type TableShape = (
+    Vec<(String, schema::ColumnType)>,
+    std::collections::HashMap<String, schema::Limits>,
+);
+
 /// What a load attempt found or did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum LoadOutcome {
@@ -164,15 +170,26 @@ impl Database {
         if !matches!(e, sqlx::Error::PoolTimedOut | sqlx::Error::Io(_)) {
             return text;
         }
-        let Some((host, port)) = self.endpoint() else {
-            return text;
-        };
-        let probe = tokio::net::TcpStream::connect((host.as_str(), port));
-        match tokio::time::timeout(std::time::Duration::from_secs(3), probe).await {
-            Ok(Ok(_)) => format!("{host}:{port} accepts connections, but no database session opened ({text})"),
-            Ok(Err(io)) => format!("cannot connect to {host}:{port}: {io}"),
-            Err(_) => format!("no answer from {host}:{port} within 3s"),
+        match self.probe().await {
+            None => text,
+            Some(Ok(endpoint)) => format!("{endpoint} accepts connections, but no database session opened ({text})"),
+            Some(Err(why)) => why,
         }
+    }
+
+    /// A plain TCP connection to the server's host and port: `Ok(host:port)` when it accepts,
+    /// else why not (refused, unresolvable, silent for 3 s); `None` when there is no server to
+    /// reach (SQLite, a socket folder).
+    pub async fn probe(&self) -> Option<Result<String, String>> {
+        let (host, port) = self.endpoint()?;
+        let connect = tokio::net::TcpStream::connect((host.as_str(), port));
+        Some(
+            match tokio::time::timeout(std::time::Duration::from_secs(3), connect).await {
+                Ok(Ok(_)) => Ok(format!("{host}:{port}")),
+                Ok(Err(io)) => Err(format!("cannot connect to {host}:{port}: {io}")),
+                Err(_) => Err(format!("no answer from {host}:{port} within 3s")),
+            },
+        )
     }
 
     /// Loads one file exactly once (see [`protocol`]). `spec` says into which table (or why
@@ -224,6 +241,20 @@ impl Database {
             Database::Sqlite(s) => s.ledger().reopen(source, key, etag, from).await,
         }
         .map_err(|e| db_error(e, Stage::Database))
+    }
+
+    /// The columns of `table` as a load would meet them, `None` when it does not exist yet
+    /// (for `validate`).
+    pub async fn table_shape(&self, table: &str) -> Result<Option<TableShape>, LoadError> {
+        let db = |e| db_error(e, Stage::Database);
+        match self {
+            Database::Postgres(s) => {
+                postgres::table_info(&mut *s.ledger().pool.acquire().await.map_err(db)?, table).await
+            }
+            Database::Redshift(s) => s.table_shape(table).await,
+            Database::MySql(s) => s.table_shape(table).await,
+            Database::Sqlite(s) => s.table_shape(table).await.map_err(db),
+        }
     }
 
     /// Which of `tables` exist (in the schema the loads write to).

@@ -90,6 +90,19 @@ impl SqliteSink {
         Ok(n > 0)
     }
 
+    /// See [`super::Database::table_shape`]: columns by their affinity, no declared limits.
+    pub(crate) async fn table_shape(&self, table: &str) -> Result<Option<super::TableShape>, sqlx::Error> {
+        let columns: Vec<(String, String)> = sqlx::query_as("SELECT name, type FROM pragma_table_info(?)")
+            .bind(table)
+            .fetch_all(&self.pool)
+            .await?;
+        let columns: Vec<_> = columns
+            .into_iter()
+            .map(|(n, t)| (n.to_ascii_lowercase(), affinity(&t)))
+            .collect();
+        Ok((!columns.is_empty()).then(|| (columns, Default::default())))
+    }
+
     pub async fn ensure_ledger(&self) -> Result<(), sqlx::Error> {
         let ledger = &self.options.ledger;
         let _writer = self.write_lock.lock().await;

@@ -172,6 +172,22 @@ impl MySqlSink {
         Ok(())
     }
 
+    /// See [`super::Database::table_shape`]: a DECIMAL column's scale is its limit.
+    pub(crate) async fn table_shape(&self, table: &str) -> Result<Option<super::TableShape>, LoadError> {
+        let (columns, scales) = self.table_columns(table).await?;
+        let limits = scales
+            .into_iter()
+            .map(|(name, (_, scale))| {
+                let limit = crate::schema::Limits {
+                    scale: Some(scale as u32),
+                    ..Default::default()
+                };
+                (name, limit)
+            })
+            .collect();
+        Ok(columns.map(|c| (c, limits)))
+    }
+
     /// The table's columns, read on a connection of its own: in MySQL a transaction that looked
     /// at a table holds a metadata lock on it, which the DDL below would wait for.
     /// With the precision and scale of each DECIMAL column.

@@ -58,8 +58,44 @@ pub struct PgSink {
     passthrough: bool,
 }
 
-/// A table's columns with their types, and the limits their declarations add.
-type TableInfo = (Vec<(String, ColumnType)>, std::collections::HashMap<String, Limits>);
+use super::TableShape as TableInfo;
+
+/// The columns of `table` in the current schema, with their limits; `None` when it does not
+/// exist (also Redshift's, for `validate`).
+pub(crate) async fn table_info(conn: &mut PgConnection, table: &str) -> Result<Option<TableInfo>, LoadError> {
+    type Row = (String, String, Option<i32>, Option<i32>, Option<i32>);
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT column_name::text, data_type::text, numeric_scale::int, datetime_precision::int,
+                character_maximum_length::int
+         FROM information_schema.columns
+         WHERE table_schema = current_schema() AND table_name = $1 ORDER BY ordinal_position",
+    )
+    .bind(table)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(|e| db_error(e, Stage::Database))?;
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    let mut limits = std::collections::HashMap::new();
+    let mut columns = Vec::with_capacity(rows.len());
+    for (name, data_type, scale, precision, chars) in rows {
+        let ty = type_of(&data_type);
+        let limit = Limits {
+            scale: scale.filter(|_| ty == ColumnType::Numeric).map(|s| s as u32),
+            fraction: precision
+                .filter(|_| matches!(ty, ColumnType::Timestamp | ColumnType::TimestampTz))
+                .map(|p| p as u32),
+            chars: chars.map(|n| n as u32),
+            exact_chars: data_type == "character",
+        };
+        if !limit.is_none() {
+            limits.insert(name.clone(), limit);
+        }
+        columns.push((name, ty));
+    }
+    Ok(Some((columns, limits)))
+}
 
 /// What each planned column must satisfy: its type, and the limits of an existing column.
 fn checks_of(plan: &Plan, limits: &std::collections::HashMap<String, Limits>) -> Vec<ColumnCheck> {
@@ -216,7 +252,7 @@ impl PgSink {
             let checks = checks_of(&plan, &limits);
             return Ok(Some((plan, checks)));
         }
-        let mut existing = self.table_columns(conn, table).await?;
+        let mut existing = table_info(conn, table).await?;
         let needs_ddl = match &existing {
             None => sample.is_some(),
             Some((columns, _)) => plan_load(table, file_cols, fixed, Some(columns.clone()), spec, sample)
@@ -231,7 +267,7 @@ impl PgSink {
                 .execute(&mut *conn)
                 .await
                 .map_err(|e| db_error(e, Stage::Database))?;
-            existing = self.table_columns(conn, table).await?;
+            existing = table_info(conn, table).await?;
         }
         {
             let mut cache = self.columns.lock().unwrap_or_else(|p| p.into_inner());
@@ -278,41 +314,6 @@ impl PgSink {
             tracing::info!(db.table = %table, db.column = %column, "added a column");
         }
         Ok(())
-    }
-
-    async fn table_columns(&self, conn: &mut PgConnection, table: &str) -> Result<Option<TableInfo>, LoadError> {
-        type Row = (String, String, Option<i32>, Option<i32>, Option<i32>);
-        let rows: Vec<Row> = sqlx::query_as(
-            "SELECT column_name::text, data_type::text, numeric_scale::int, datetime_precision::int,
-                    character_maximum_length::int
-             FROM information_schema.columns
-             WHERE table_schema = current_schema() AND table_name = $1 ORDER BY ordinal_position",
-        )
-        .bind(table)
-        .fetch_all(&mut *conn)
-        .await
-        .map_err(|e| db_error(e, Stage::Database))?;
-        if rows.is_empty() {
-            return Ok(None);
-        }
-        let mut limits = std::collections::HashMap::new();
-        let mut columns = Vec::with_capacity(rows.len());
-        for (name, data_type, scale, precision, chars) in rows {
-            let ty = type_of(&data_type);
-            let limit = Limits {
-                scale: scale.filter(|_| ty == ColumnType::Numeric).map(|s| s as u32),
-                fraction: precision
-                    .filter(|_| matches!(ty, ColumnType::Timestamp | ColumnType::TimestampTz))
-                    .map(|p| p as u32),
-                chars: chars.map(|n| n as u32),
-                exact_chars: data_type == "character",
-            };
-            if !limit.is_none() {
-                limits.insert(name.clone(), limit);
-            }
-            columns.push((name, ty));
-        }
-        Ok(Some((columns, limits)))
     }
 
     /// Creates the table in the load's transaction (under the lock [`PgSink::plan`] took), so

@@ -124,6 +124,12 @@ impl RedshiftSink {
         sqlx::query("SELECT 1").execute(&self.pool).await.map(|_| ())
     }
 
+    /// See [`super::Database::table_shape`].
+    pub(crate) async fn table_shape(&self, table: &str) -> Result<Option<super::TableShape>, LoadError> {
+        let mut conn = self.pool.acquire().await.map_err(|e| db_error(e, Stage::Database))?;
+        super::postgres::table_info(&mut conn, table).await
+    }
+
     pub async fn close(&self) {
         self.pool.close().await
     }
