@@ -205,7 +205,7 @@ impl std::fmt::Display for Stage {
 }
 
 /// A failure to process one file, classified.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum LoadError {
     /// Worth retrying later: the store or database is unreachable, slow or busy.
     #[error("{stage}: {message} (transient; will retry)")]

@@ -36,6 +36,10 @@ pub struct Scheduler {
     worker: Arc<Worker>,
     interval: Duration,
     max_files_per_tick: usize,
+    concurrency: usize,
+    /// `workers.group_files` and `workers.group_bytes` (see [`Scheduler::units`]).
+    group_files: usize,
+    group_bytes: u64,
     /// Why a semaphore: it bounds loads (and so busy database connections) per process while
     /// letting the scheduler hand out work without waiting.
     permits: Arc<Semaphore>,
@@ -76,6 +80,9 @@ impl Scheduler {
             worker,
             interval: config.schedule.interval,
             max_files_per_tick: config.schedule.max_files_per_tick,
+            concurrency: config.workers.concurrency.max(1),
+            group_files: config.workers.group_files,
+            group_bytes: config.workers.group_bytes,
             permits: Arc::new(Semaphore::new(config.workers.concurrency)),
             limiter: Arc::new(RateLimiter::direct(Quota::per_second(per_second))),
             in_flight: Arc::default(),
@@ -227,10 +234,9 @@ impl Scheduler {
                 .collect()
         } else {
             let gates = self.gates_for_new_tables(&picked).await;
-            picked
+            self.units(picked, gates)
                 .into_iter()
-                .zip(gates)
-                .map(|(obj, gate)| self.dispatch(Unit::File(obj), gate))
+                .map(|(unit, gate)| self.dispatch(unit, gate))
                 .collect()
         };
         (Ok(()), listed, dispatched, handles)
@@ -298,6 +304,41 @@ impl Scheduler {
         gates
     }
 
+    /// What each worker task loads. Files of tables that exist (an open gate) go in groups,
+    /// loaded in one transaction each, of at most `workers.group_files` files and
+    /// `workers.group_bytes` bytes, and no larger than it takes to give every worker a share
+    /// of this tick's files; the others (a file that creates its table or waits for it, one
+    /// over the bytes, or a database without groups) load alone.
+    fn units(&self, picked: Vec<ObjectMeta>, gates: Vec<Gate>) -> Vec<(Unit, Gate)> {
+        let grouping = self.worker.db.loads_groups() && self.group_files > 1;
+        let open = gates.iter().filter(|g| matches!(g, Gate::Open)).count();
+        let size = self.group_files.min(open.div_ceil(self.concurrency)).max(1);
+        let mut units = Vec::with_capacity(picked.len());
+        let mut group: Vec<ObjectMeta> = Vec::new();
+        let mut bytes = 0;
+        fn close(group: &mut Vec<ObjectMeta>, units: &mut Vec<(Unit, Gate)>) {
+            match group.len() {
+                0 => {}
+                1 => units.extend(group.pop().map(|obj| (Unit::File(obj), Gate::Open))),
+                _ => units.push((Unit::Group(std::mem::take(group)), Gate::Open)),
+            }
+        }
+        for (obj, gate) in picked.into_iter().zip(gates) {
+            if !grouping || !matches!(gate, Gate::Open) || obj.size > self.group_bytes {
+                units.push((Unit::File(obj), gate));
+                continue;
+            }
+            if group.len() >= size || bytes + obj.size > self.group_bytes {
+                close(&mut group, &mut units);
+                bytes = 0;
+            }
+            bytes += obj.size;
+            group.push(obj);
+        }
+        close(&mut group, &mut units);
+        units
+    }
+
     /// Oldest first; skips files in flight or backing off; at most `max_files_per_tick`.
     fn pick(&self, mut listing: Vec<ObjectMeta>) -> Vec<ObjectMeta> {
         let now = Instant::now();
@@ -327,6 +368,7 @@ impl Scheduler {
         let (initial, max) = (self.initial_backoff, self.max_backoff);
         let span = match objs.as_slice() {
             [obj] => info_span!("file", file.key = %obj.key, file.source = %worker.source.id(), file.etag = %obj.etag),
+            _ if matches!(unit, Unit::Group(_)) => info_span!("group", files = objs.len()),
             _ => info_span!("batch", files = objs.len()),
         };
         self.tracker.spawn(
@@ -348,9 +390,12 @@ impl Scheduler {
                         p = permits.acquire_owned() => p.expect("the semaphore is never closed"),
                         _ = stop.cancelled() => return not_started(),
                     };
-                    tokio::select! {
-                        _ = limiter.until_ready() => {}
-                        _ = stop.cancelled() => return not_started(),
+                    // One start per file, a group's included.
+                    for _ in 0..objs.len() {
+                        tokio::select! {
+                            _ = limiter.until_ready() => {}
+                            _ = stop.cancelled() => return not_started(),
+                        }
                     }
                     // Boxed, as the panic's recording below: a tick dispatches up to
                     // `max_files_per_tick` of these tasks at once, and each task's memory is its
@@ -374,6 +419,14 @@ impl Scheduler {
                         Err(e) => Box::pin(worker.panicked(&versions, &panic_message(e))).await,
                     };
                     worker.status.load_ended(&versions);
+                    // In the order dispatched: a file of a group gone before its turn was not
+                    // started.
+                    let mut by_key: HashMap<&str, FileOutcome> =
+                        versions.iter().map(|v| v.key.as_str()).zip(outcomes).collect();
+                    let outcomes: Vec<FileOutcome> = objs
+                        .iter()
+                        .map(|o| by_key.remove(o.key.as_str()).unwrap_or(FileOutcome::NotStarted))
+                        .collect();
                     if let Gate::Creates(tx) = &gate {
                         // Rows loaded means the table exists now; a header-only file creates none
                         // (and `AlreadyLoaded` does not say), so the next tick decides again.

@@ -12,6 +12,7 @@ use crate::error::{FileError, LoadError, Stage};
 use crate::reader::FileReader;
 use crate::report::{self, FailureReportFile};
 use crate::routes::Routes;
+use crate::sink::protocol::GroupMember;
 use crate::sink::redshift::RedshiftBatch;
 use crate::sink::{Database, FileRef, LoadOutcome};
 use crate::source::{Area, FAILED, INCOMING, MoveOutcome, ObjectMeta, Source};
@@ -38,6 +39,8 @@ pub enum FileOutcome {
 #[derive(Debug, Clone)]
 pub enum Unit {
     File(ObjectMeta),
+    /// Small files loaded in one transaction, each under its own savepoint (group commit).
+    Group(Vec<ObjectMeta>),
     /// Files one Redshift COPY loads together.
     Batch(Box<RedshiftBatch>),
 }
@@ -46,6 +49,7 @@ impl Unit {
     pub fn files(&self) -> &[ObjectMeta] {
         match self {
             Unit::File(obj) => std::slice::from_ref(obj),
+            Unit::Group(objs) => objs,
             Unit::Batch(batch) => &batch.files,
         }
     }
@@ -80,6 +84,10 @@ impl Worker {
                 tracing::Span::current().record("file.etag", obj.etag.as_str());
                 Some(Unit::File(obj))
             }
+            Unit::Group(objs) => {
+                let objs = self.source.identify(objs).await;
+                (!objs.is_empty()).then_some(Unit::Group(objs))
+            }
             // Batches are Redshift's, from S3: their ETags are their versions.
             Unit::Batch(batch) => Some(Unit::Batch(batch)),
         }
@@ -88,8 +96,60 @@ impl Worker {
     pub async fn process_unit(&self, unit: Unit) -> Vec<FileOutcome> {
         match unit {
             Unit::File(obj) => vec![self.process(&obj).await],
+            Unit::Group(objs) => self.process_group(&objs).await,
             Unit::Batch(batch) => self.process_batch(*batch).await,
         }
+    }
+
+    /// Loads a group of files in one transaction, then moves each (after the commit, as for
+    /// one file). Outcomes in the group's order.
+    async fn process_group(&self, objs: &[ObjectMeta]) -> Vec<FileOutcome> {
+        let started = std::time::Instant::now();
+        let specs: Vec<_> = objs.iter().map(|o| self.routes.resolve(&o.key)).collect();
+        let readers: Vec<FileReader<'_>> = objs
+            .iter()
+            .zip(&specs)
+            .map(|(o, spec)| FileReader::new(&self.source, o, &spec.format).with_progress(self.status.progress(&o.key)))
+            .collect();
+        let members: Vec<GroupMember<'_>> = objs
+            .iter()
+            .zip(&specs)
+            .zip(&readers)
+            .map(|((o, spec), reader)| GroupMember {
+                file: self.file_ref(o),
+                spec,
+                reader,
+            })
+            .collect();
+        let results = self.db.load_group(&members).await;
+        let committed = results
+            .iter()
+            .filter(|r| matches!(r, Some(Ok(LoadOutcome::Loaded { .. } | LoadOutcome::Failed(_)))))
+            .count();
+        info!(
+            files = objs.len(),
+            committed,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "group loaded in one transaction"
+        );
+        let mut outcomes = Vec::with_capacity(objs.len());
+        for (obj, result) in objs.iter().zip(results) {
+            let span = tracing::info_span!("file", file.key = %obj.key, file.source = %self.source.id(), file.etag = %obj.etag);
+            let outcome = match result {
+                // Tried before without an outcome: alone, after the group's commit.
+                None => self.process(obj).instrument(span).await,
+                Some(result) => {
+                    let outcome = match result {
+                        Ok(loaded) => settle(self.finish(obj, loaded).instrument(span.clone()).await),
+                        Err(e) => settle(Err(e)),
+                    };
+                    self.record(obj, &outcome, started).instrument(span).await;
+                    outcome
+                }
+            };
+            outcomes.push(outcome);
+        }
+        outcomes
     }
 
     /// Loads a batch of files of one table and format in one go (Redshift), then moves each.

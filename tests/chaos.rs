@@ -30,9 +30,21 @@ fn gzip(data: &[u8]) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "long; scripts/test runs it with --ignored"]
 async fn kills_faults_and_replicas_lose_nothing_and_duplicate_nothing() {
+    chaos("chaos", "1").await;
+}
+
+/// The same with group commit: several files to a transaction, each under its own savepoint.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "long; scripts/test runs it with --ignored"]
+async fn with_group_commit_kills_faults_and_replicas_lose_nothing_and_duplicate_nothing() {
+    chaos("chaosgroups", "8").await;
+}
+
+/// One chaos run; `group_files`: `workers.group_files` (1: one file per transaction).
+async fn chaos(name: &str, group_files: &str) {
     let moto = Moto::start();
-    let bucket = Bucket::create(&moto, "chaos").await;
-    let db = PgDb::create("chaos").await;
+    let bucket = Bucket::create(&moto, name).await;
+    let db = PgDb::create(name).await;
     for f in 0..GOOD_FILES {
         let csv = orders_csv(f * ROWS_PER_FILE + 1, ROWS_PER_FILE);
         if f % 7 == 0 {
@@ -78,7 +90,7 @@ async fn kills_faults_and_replicas_lose_nothing_and_duplicate_nothing() {
     env.retain(|(k, _)| k != "AWS_ENDPOINT_URL");
     env.extend(kv(&[
         ("AWS_ENDPOINT_URL", &s3.endpoint),
-        ("LOADER_SOURCE__URL", "s3://chaos"),
+        ("LOADER_SOURCE__URL", &format!("s3://{name}")),
         (
             "LOADER_DATABASE__URL",
             &format!("postgres://postgres@127.0.0.1:{}/{}", pg.port, db.name),
@@ -92,6 +104,7 @@ async fn kills_faults_and_replicas_lose_nothing_and_duplicate_nothing() {
         ("LOADER_RETRY__MAX_BACKOFF", "2s"),
         ("LOADER_CLAIM__LEASE", "3s"),
         ("LOADER_WORKERS__FILES_PER_SECOND", "4"),
+        ("LOADER_WORKERS__GROUP_FILES", group_files),
     ]));
 
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
@@ -193,6 +206,22 @@ async fn kills_faults_and_replicas_lose_nothing_and_duplicate_nothing() {
         .await
         .unwrap();
     let expected = good_max;
+    // Groups, from every loader's log (each start writes its own).
+    let (mut groups, mut grouped_files) = (0i64, 0i64);
+    for dir in &dirs {
+        for entry in std::fs::read_dir(dir.path()).unwrap().flatten() {
+            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            for event in text
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            {
+                if event["message"] == "group loaded in one transaction" && event["committed"].as_i64() > Some(0) {
+                    groups += 1;
+                    grouped_files += event["committed"].as_i64().unwrap_or(0);
+                }
+            }
+        }
+    }
     let table = [
         ("chaos phase (s)", chaos_for.as_secs() as i64),
         ("loader starts", starts as i64),
@@ -207,6 +236,8 @@ async fn kills_faults_and_replicas_lose_nothing_and_duplicate_nothing() {
             "S3 faults injected",
             s3.faults.load(std::sync::atomic::Ordering::Relaxed) as i64,
         ),
+        ("groups committed", groups),
+        ("files committed in groups", grouped_files),
         ("files in", (GOOD_FILES + BAD_FILES) as i64),
         ("files processed", processed.len() as i64),
         ("copy probe objects left by kills", probes.len() as i64),
@@ -218,7 +249,7 @@ async fn kills_faults_and_replicas_lose_nothing_and_duplicate_nothing() {
         ("lost rows", expected - good_distinct),
         ("rows of bad files in the table", leaked),
     ];
-    println!("\nchaos test results");
+    println!("\nchaos test results (workers.group_files = {group_files})");
     for (what, n) in table {
         println!("  {what:<32} {n:>10}");
     }
@@ -230,6 +261,9 @@ async fn kills_faults_and_replicas_lose_nothing_and_duplicate_nothing() {
     assert_eq!(leaked, 0, "rows of bad files");
     assert_eq!(rows, expected);
     assert!(kills >= 10);
+    if group_files != "1" {
+        assert!(groups >= 5, "too few groups committed: {groups}");
+    }
     assert!(kills_mid_load >= 5, "too few kills landed mid-load: {kills_mid_load}");
     for b in 0..BAD_FILES {
         let report: serde_json::Value =

@@ -506,3 +506,40 @@ async fn with_include_values_off_no_value_of_a_failed_file_reaches_reports_statu
         .unwrap();
     assert!(kept.contains("secret-value-8812"), "{kept}");
 }
+
+/// Group commit on SQLite: the 3rd of ten files of an existing table is bad; it is rolled back
+/// to its savepoint and fails alone, the other nine load in the same transaction.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_third_of_ten_grouped_files_is_bad_and_fails_alone_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let env = kv(&[("LOADER_WORKERS__CONCURRENCY", "1")]);
+    write_old(&d.join("data/incoming/orders/000.csv"), orders_csv(1, 5).as_bytes());
+    let (status, stdout, stderr) = run(d, &["once"], &env);
+    assert!(status.success(), "{stdout}{stderr}");
+    for (name, csv) in ten_files_the_third_bad() {
+        write_old(&d.join(format!("data/incoming/orders/{name}")), csv.as_bytes());
+    }
+    let (status, stdout, stderr) = run(d, &["once"], &env);
+    assert_eq!(status.code(), Some(1), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("loaded 9 (450 rows)") && stdout.contains("failed 1"),
+        "{stdout}"
+    );
+    let group = group_event(&stderr);
+    assert_eq!(
+        (&group["files"], &group["committed"]),
+        (&10.into(), &10.into()),
+        "{group}"
+    );
+    let pool = sqlite(d).await;
+    assert_eq!(count(&pool, "SELECT count(*) FROM orders").await, 5 + 450);
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM orders WHERE id BETWEEN 300 AND 399").await,
+        0
+    );
+    assert!(d.join("data/failed/orders/003.csv").is_file());
+    assert!(d.join("data/failed/orders/003.csv.error.json").is_file());
+    assert_eq!(files_under(&d.join("data/processed")).len(), 10);
+    assert!(files_under(&d.join("data/incoming")).is_empty());
+}

@@ -499,3 +499,61 @@ async fn validate_checks_values_against_an_existing_postgres_tables_limits() {
         "{stdout}"
     );
 }
+
+/// Group commit: ten files of an existing table load in one transaction (one `loaded_at`, as
+/// PostgreSQL's `now()` is the transaction's start); the 3rd is bad, is rolled back to its
+/// savepoint and recorded failed with a report, and the other nine commit, all rows exact.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_third_of_ten_grouped_files_is_bad_and_fails_alone() {
+    let moto = Moto::start();
+    let bucket = Bucket::create(&moto, "group").await;
+    let db = PgDb::create("group").await;
+    let dir = tempfile::tempdir().unwrap();
+    let env = loader_env(&moto, "group", &db, &[("LOADER_WORKERS__CONCURRENCY", "1")]);
+    bucket.put("incoming/orders/000.csv", orders_csv(1, 5)).await;
+    let (status, stdout, stderr) = run(dir.path(), &["once"], &env);
+    assert!(status.success(), "{stdout}{stderr}");
+    for (name, csv) in ten_files_the_third_bad() {
+        bucket.put(&format!("incoming/orders/{name}"), csv).await;
+    }
+    let (status, stdout, stderr) = run(dir.path(), &["once"], &env);
+    assert_eq!(status.code(), Some(1), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("loaded 9 (450 rows)") && stdout.contains("failed 1"),
+        "{stdout}"
+    );
+    let group = group_event(&stderr);
+    assert_eq!(
+        (&group["files"], &group["committed"]),
+        (&10.into(), &10.into()),
+        "{group}"
+    );
+    assert_eq!(db.count("SELECT count(*) FROM orders").await, 5 + 450);
+    assert_eq!(
+        db.count("SELECT count(*) FROM orders WHERE id BETWEEN 300 AND 399")
+            .await,
+        0
+    );
+    assert_eq!(
+        db.count(
+            "SELECT count(DISTINCT loaded_at) FROM s3_sql_loader_files
+             WHERE state = 'loaded' AND object_key <> 'orders/000.csv'"
+        )
+        .await,
+        1,
+        "the nine committed in one transaction"
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM s3_sql_loader_files WHERE state = 'failed' AND object_key = 'orders/003.csv'")
+            .await,
+        1
+    );
+    let processed = bucket.keys("processed/orders/").await;
+    assert_eq!(processed.len(), 10, "{processed:?}");
+    assert!(!processed.contains(&"processed/orders/003.csv".to_string()));
+    assert_eq!(
+        bucket.keys("failed/").await,
+        ["failed/orders/003.csv", "failed/orders/003.csv.error.json"]
+    );
+    assert!(bucket.keys("incoming/").await.is_empty());
+}

@@ -180,6 +180,11 @@ pub struct WorkersConfig {
     pub concurrency: usize,
     /// Files started per second at most, across all workers of this process.
     pub files_per_second: u32,
+    /// Group commit (PostgreSQL, SQLite): files of existing tables load several to a
+    /// transaction, each under its own savepoint, up to this many files...
+    pub group_files: usize,
+    /// ...and this many bytes (as stored); a larger file loads alone. 1 file: no groups.
+    pub group_bytes: u64,
 }
 
 impl Default for WorkersConfig {
@@ -187,6 +192,8 @@ impl Default for WorkersConfig {
         Self {
             concurrency: 4,
             files_per_second: 50,
+            group_files: 20,
+            group_bytes: 4 << 20,
         }
     }
 }
@@ -413,6 +420,9 @@ impl Config {
                 "database.max_connections: must be 0 (workers.concurrency + 2) or more than workers.concurrency ({})",
                 self.workers.concurrency
             ));
+        }
+        if self.workers.group_files == 0 {
+            problems.push("workers.group_files: must be at least 1 (1: each file in a transaction of its own)".into());
         }
         if self.workers.files_per_second == 0 {
             problems.push("workers.files_per_second: must be at least 1".into());

@@ -208,6 +208,26 @@ impl Database {
         }
     }
 
+    /// Whether several files can load in one transaction ([`Database::load_group`]):
+    /// PostgreSQL and SQLite. MySQL/MariaDB would commit a group's work at a new column's DDL.
+    pub fn loads_groups(&self) -> bool {
+        matches!(self, Database::Postgres(_) | Database::Sqlite(_))
+    }
+
+    /// Loads several files in one transaction, each exactly once (see
+    /// [`protocol::Ledger::load_group`]). Outcomes are in `members`' order; `None`: load that
+    /// file alone (it was tried before, or this database loads no groups).
+    pub async fn load_group(
+        &self,
+        members: &[protocol::GroupMember<'_>],
+    ) -> Vec<Option<Result<LoadOutcome, LoadError>>> {
+        match self {
+            Database::Postgres(s) => s.ledger().load_group(s, members).await,
+            Database::Sqlite(s) => s.ledger().load_group(s, members).await,
+            Database::MySql(_) | Database::Redshift(_) => members.iter().map(|_| None).collect(),
+        }
+    }
+
     /// Counts an attempt that ended in a transient error and adds it to the file's history
     /// (unless another loader holds the file right now).
     pub async fn record_transient(&self, file: FileRef<'_>, stage: Stage, message: &str) -> Result<(), LoadError> {

@@ -41,8 +41,22 @@ pub(crate) trait FileSink: Sync {
     /// Takes the file's claim without waiting; `None` when another load holds it.
     fn claim(&self, id: &str) -> impl Future<Output = Result<Option<Self::Claim>, sqlx::Error>> + Send;
 
+    /// Adds another file's claim to a held one, for a group of files loaded in one transaction
+    /// ([`Ledger::load_group`]), without waiting; `false` when another load holds it.
+    fn claim_also(
+        &self,
+        _claim: &mut Self::Claim,
+        _id: &str,
+    ) -> impl Future<Output = Result<bool, sqlx::Error>> + Send {
+        async {
+            Err(sqlx::Error::Protocol(
+                "this database loads one file per transaction".into(),
+            ))
+        }
+    }
+
     /// The attempt is counted and the rows are about to be written (PostgreSQL starts its
-    /// lease here).
+    /// lease here; in a group, once per file).
     fn hold(&self, _claim: &mut Self::Claim, _id: &str) -> impl Future<Output = Result<(), sqlx::Error>> + Send {
         async { Ok(()) }
     }
@@ -70,8 +84,15 @@ pub(crate) trait FileSink: Sync {
         error
     }
 
-    /// Gives the claim back; the load's transaction has ended.
+    /// Gives the claim back (every file of a group's); the load's transaction has ended.
     fn release(&self, claim: Self::Claim, id: &str) -> impl Future<Output = ()> + Send;
+}
+
+/// One file of a group loaded in one transaction ([`Ledger::load_group`]).
+pub struct GroupMember<'a> {
+    pub file: FileRef<'a>,
+    pub spec: &'a LoadSpec,
+    pub reader: &'a FileReader<'a>,
 }
 
 /// How one database spells the few things the ledger's statements need.
@@ -399,31 +420,7 @@ where
         }
         sink.hold(claim, id).await.map_err(db)?;
         let mut tx = sink.begin(claim).await.map_err(db)?;
-        sqlx::query("SAVEPOINT file_rows").execute(&mut *tx).await.map_err(db)?;
-        let mut spec = Cow::Borrowed(spec);
-        let written = loop {
-            let mut new_columns = Vec::new();
-            let written = match sink.write_rows(&mut tx, file, &spec, reader, &mut new_columns).await {
-                Err(e) => Err(sink.attempt_failed(table.as_deref(), e)),
-                ok => ok,
-            };
-            // A value that does not fit a column this attempt created: undo the attempt (its
-            // DDL included) and load again with that column widened.
-            match written
-                .as_ref()
-                .err()
-                .and_then(|e| widened_spec(e, &new_columns, &spec))
-            {
-                Some(wider) => {
-                    sqlx::query("ROLLBACK TO SAVEPOINT file_rows")
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(db)?;
-                    spec = Cow::Owned(wider);
-                }
-                None => break written,
-            }
-        };
+        let written = self.write_file(sink, &mut tx, file, spec, reader).await?;
         match written {
             Ok(rows) => {
                 self.mark_loaded(&mut tx, id, rows, table.as_ref()).await.map_err(db)?;
@@ -446,6 +443,216 @@ where
         }
     }
 
+    /// Writes one file's rows in the load's transaction, under the savepoint `file_rows` (left
+    /// in place for the caller to roll back to): a value that does not fit a column this
+    /// attempt created undoes the attempt (its DDL included) and loads again with that column
+    /// widened. The inner result is the file's; `Err` outside it: the transaction failed.
+    async fn write_file<S>(
+        &self,
+        sink: &S,
+        tx: &mut DB::Connection,
+        file: FileRef<'_>,
+        spec: &LoadSpec,
+        reader: &FileReader<'_>,
+    ) -> Result<Result<u64, LoadError>, LoadError>
+    where
+        S: FileSink<Db = DB>,
+    {
+        let table = spec.table.as_ref().ok().cloned();
+        sqlx::query("SAVEPOINT file_rows").execute(&mut *tx).await.map_err(db)?;
+        let mut spec = Cow::Borrowed(spec);
+        loop {
+            let mut new_columns = Vec::new();
+            let written = match sink.write_rows(&mut *tx, file, &spec, reader, &mut new_columns).await {
+                Err(e) => Err(sink.attempt_failed(table.as_deref(), e)),
+                ok => ok,
+            };
+            match written
+                .as_ref()
+                .err()
+                .and_then(|e| widened_spec(e, &new_columns, &spec))
+            {
+                Some(wider) => {
+                    sqlx::query("ROLLBACK TO SAVEPOINT file_rows")
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db)?;
+                    spec = Cow::Owned(wider);
+                }
+                None => return Ok(written),
+            }
+        }
+    }
+
+    /// Loads several files in ONE transaction, each exactly once, under its own savepoint: the
+    /// same steps as [`Ledger::load`] per file (claim, attempt counted and committed first,
+    /// rows, ledger row), but one commit for all. A file with a permanent problem is rolled
+    /// back to its savepoint and recorded failed while the others commit; a transient problem
+    /// of one file leaves it for a later attempt (nothing of it commits) unless the transaction
+    /// itself broke, when nothing of the group commits. Outcomes are in `members`' order;
+    /// `None`: the file was tried before without an outcome and must load alone (a file whose
+    /// load kills the process must not take its group's attempts with it).
+    pub async fn load_group<S>(
+        &self,
+        sink: &S,
+        members: &[GroupMember<'_>],
+    ) -> Vec<Option<Result<LoadOutcome, LoadError>>>
+    where
+        S: FileSink<Db = DB>,
+        for<'r> (String, i64): FromRow<'r, DB::Row>,
+    {
+        let ids: Vec<String> = members.iter().map(|m| m.file.id()).collect();
+        let mut results: Vec<Option<Result<LoadOutcome, LoadError>>> = members.iter().map(|_| None).collect();
+        let tried = match self.tried_before(&ids).await {
+            Ok(tried) => tried,
+            Err(e) => return ids.iter().map(|_| Some(Err(db_error_copy(&e)))).collect(),
+        };
+        // The first file's claim starts the group's; the others join it.
+        let mut claim: Option<S::Claim> = None;
+        let mut claimed = Vec::with_capacity(members.len());
+        for (i, id) in ids.iter().enumerate() {
+            if tried.contains(id) {
+                continue; // loads alone
+            }
+            let got = match claim.as_mut() {
+                None => match sink.claim(id).await {
+                    Ok(Some(c)) => {
+                        claim = Some(c);
+                        Ok(true)
+                    }
+                    Ok(None) => Ok(false),
+                    Err(e) => Err(e),
+                },
+                Some(c) => sink.claim_also(c, id).await,
+            };
+            match got {
+                Ok(true) => claimed.push(i),
+                Ok(false) => results[i] = Some(Ok(LoadOutcome::Busy)),
+                Err(e) => results[i] = Some(Err(db(e))),
+            }
+        }
+        if let Some(mut held) = claim {
+            let loaded = self
+                .load_claimed_group(sink, &mut held, &ids, members, &claimed, &mut results)
+                .await;
+            sink.release(held, &ids[claimed[0]]).await;
+            if let Err(e) = loaded {
+                // Nothing of the group committed: each of its files without an outcome retries.
+                for &i in &claimed {
+                    if results[i].is_none() {
+                        results[i] = Some(Err(e.clone()));
+                    }
+                }
+            }
+        }
+        results
+    }
+
+    /// Which of `ids` are pending with an attempt counted already (tried without an outcome:
+    /// a transient error, or a load that ended the process). One query for a whole group.
+    async fn tried_before(&self, ids: &[String]) -> Result<std::collections::HashSet<String>, sqlx::Error>
+    where
+        for<'r> (String, i64): FromRow<'r, DB::Row>,
+    {
+        let marks = vec!["?"; ids.len()].join(", ");
+        let sql = self.sql(&format!(
+            "SELECT file_id, {{ATTEMPTS}} FROM {{L}} WHERE state = 'pending' AND attempts > 0 AND file_id IN ({marks})"
+        ));
+        let mut query = sqlx::query_as::<_, (String, i64)>(AssertSqlSafe(sql));
+        for id in ids {
+            query = query.bind(id.clone());
+        }
+        Ok(query
+            .fetch_all(&self.pool)
+            .await?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect())
+    }
+
+    /// [`Ledger::load_group`] once the claims are held: outcomes go into `results` only once
+    /// they are committed (or need no commit).
+    async fn load_claimed_group<S>(
+        &self,
+        sink: &S,
+        claim: &mut S::Claim,
+        ids: &[String],
+        members: &[GroupMember<'_>],
+        claimed: &[usize],
+        results: &mut [Option<Result<LoadOutcome, LoadError>>],
+    ) -> Result<(), LoadError>
+    where
+        S: FileSink<Db = DB>,
+    {
+        let table = |i: usize| members[i].spec.table.as_ref().ok().cloned();
+        let mut exhausted = Vec::new();
+        let mut to_load = Vec::new();
+        for &i in claimed {
+            let counted = self.count_attempt(members[i].file, &ids[i]).await.map_err(db)?;
+            let (current, rows, error, attempts, history) = counted.row;
+            if let Some(done) = outcome_of_state(&current, rows, error) {
+                results[i] = Some(Ok(done));
+            } else if !counted.now {
+                exhausted.push((i, retries_exhausted(attempts, history.as_deref())));
+            } else {
+                to_load.push(i);
+            }
+        }
+        if exhausted.is_empty() && to_load.is_empty() {
+            return Ok(());
+        }
+        for &i in &to_load {
+            sink.hold(claim, &ids[i]).await.map_err(db)?;
+        }
+        let mut tx = sink.begin(claim).await.map_err(db)?;
+        // Outcomes that hold once the transaction commits.
+        let mut staged = Vec::with_capacity(exhausted.len() + to_load.len());
+        for (i, error) in exhausted {
+            self.mark_failed(&mut tx, &ids[i], &error, table(i).as_ref())
+                .await
+                .map_err(db)?;
+            staged.push((i, LoadOutcome::Failed(error)));
+        }
+        for i in to_load {
+            let m = &members[i];
+            match self.write_file(sink, &mut tx, m.file, m.spec, m.reader).await? {
+                Ok(rows) => {
+                    self.mark_loaded(&mut tx, &ids[i], rows, table(i).as_ref())
+                        .await
+                        .map_err(db)?;
+                    staged.push((i, LoadOutcome::Loaded { rows }));
+                }
+                Err(LoadError::Permanent(error)) => {
+                    sqlx::query("ROLLBACK TO SAVEPOINT file_rows")
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db)?;
+                    self.mark_failed(&mut tx, &ids[i], &error, table(i).as_ref())
+                        .await
+                        .map_err(db)?;
+                    staged.push((i, LoadOutcome::Failed(error)));
+                }
+                Err(transient) => {
+                    // Undo this file's part; if the transaction itself is broken, the group's.
+                    sqlx::query("ROLLBACK TO SAVEPOINT file_rows")
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(|_| transient.clone())?;
+                    results[i] = Some(Err(transient));
+                }
+            }
+            sqlx::query("RELEASE SAVEPOINT file_rows")
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+        }
+        tx.commit().await.map_err(db)?;
+        for (i, outcome) in staged {
+            results[i] = Some(Ok(outcome));
+        }
+        Ok(())
+    }
+
     pub async fn ping(&self) -> Result<(), sqlx::Error> {
         sqlx::query("SELECT 1").execute(&self.pool).await.map(|_| ())
     }
@@ -453,6 +660,11 @@ where
 
 fn db(e: sqlx::Error) -> LoadError {
     super::db_error(e, Stage::Database)
+}
+
+/// [`db`] for an error that is only borrowed.
+fn db_error_copy(e: &sqlx::Error) -> LoadError {
+    LoadError::transient(Stage::Database, super::db_message(e))
 }
 
 /// Rows a statement changed: each driver has its own result type with no common trait.

@@ -152,6 +152,11 @@ impl FileSink for SqliteSink {
         Ok(Some(self.write_lock.clone().lock_owned().await))
     }
 
+    /// The single writer's turn covers every file of a group.
+    async fn claim_also(&self, _claim: &mut Self::Claim, _id: &str) -> Result<bool, sqlx::Error> {
+        Ok(true)
+    }
+
     async fn begin<'c>(&'c self, _claim: &'c mut Self::Claim) -> Result<Transaction<'c, Sqlite>, sqlx::Error> {
         // IMMEDIATE takes the write lock now, so nothing the load read can go stale.
         self.pool.begin_with("BEGIN IMMEDIATE").await

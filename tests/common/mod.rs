@@ -449,6 +449,29 @@ pub fn orders_csv(first: u64, rows: u64) -> String {
     }
     s
 }
+/// Ten order files for group commit (`001.csv` to `010.csv`, 50 rows each from id `f * 100`);
+/// the 3rd ends with a row that does not fit, so it fails whole.
+pub fn ten_files_the_third_bad() -> Vec<(String, String)> {
+    (1..=10u64)
+        .map(|f| {
+            let mut csv = orders_csv(f * 100, 50);
+            if f == 3 {
+                csv.push_str(&format!("{},x,not-a-number,true,2026-11-01\n", f * 100 + 50));
+            }
+            (format!("{f:03}.csv"), csv)
+        })
+        .collect()
+}
+
+/// The "group loaded in one transaction" event in the JSON log of a `once` run.
+pub fn group_event(stderr: &str) -> serde_json::Value {
+    stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|e| e["message"] == "group loaded in one transaction")
+        .unwrap_or_else(|| panic!("no group: {stderr}"))
+}
+
 pub mod faults;
 
 /// The venv's Python (with boto3, prometheus_client, cbor2), next to moto_server.

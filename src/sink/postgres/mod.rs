@@ -42,7 +42,8 @@ pub(crate) const DIALECT: Dialect = Dialect {
 pub struct PgClaim {
     tx: Option<Transaction<'static, Postgres>>,
     pid: i32,
-    heartbeat: Option<Heartbeat>,
+    /// The leases held, each with its heartbeat (one per file of a group).
+    held: Vec<(String, Heartbeat)>,
 }
 
 pub struct PgSink {
@@ -357,12 +358,29 @@ impl FileSink for PgSink {
         Ok(Some(PgClaim {
             tx: Some(tx),
             pid,
-            heartbeat: None,
+            held: Vec::new(),
         }))
     }
 
+    /// Another file's advisory lock in the same transaction (a group's).
+    async fn claim_also(&self, claim: &mut PgClaim, id: &str) -> Result<bool, sqlx::Error> {
+        let tx = claim
+            .tx
+            .as_mut()
+            .ok_or_else(|| sqlx::Error::Protocol("the claim's transaction was used already".into()))?;
+        let claimed: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+            .bind(lock_key(id))
+            .fetch_one(&mut **tx)
+            .await?;
+        if !claimed {
+            self.take_over_if_expired(id).await?;
+        }
+        Ok(claimed)
+    }
+
     async fn hold(&self, claim: &mut PgClaim, id: &str) -> Result<(), sqlx::Error> {
-        claim.heartbeat = Some(self.hold_claim(id, claim.pid).await?);
+        let heartbeat = self.hold_claim(id, claim.pid).await?;
+        claim.held.push((id.to_string(), heartbeat));
         Ok(())
     }
 
@@ -397,10 +415,10 @@ impl FileSink for PgSink {
         }
     }
 
-    async fn release(&self, claim: PgClaim, id: &str) {
-        if let Some(heartbeat) = claim.heartbeat {
+    async fn release(&self, claim: PgClaim, _id: &str) {
+        for (id, heartbeat) in claim.held {
             drop(heartbeat);
-            self.release_claim(id, claim.pid).await;
+            self.release_claim(&id, claim.pid).await;
         }
     }
 }
