@@ -877,9 +877,21 @@ def case_small_local():
         loader = measurement("loader", f"s3-sql-loader once, file://, concurrency {CONCURRENCY}", r.t, rows=rows,
                              nbytes=size, files=n,
                              status=checked(r.problem(n, rows) or count_problem(pg_count(db, SMALL_TABLE), rows)))
+        # The same without group commit: one transaction (and one commit) per file.
+        pg_reset(db, SMALL_TABLE)
+        src = newdir(f"{name}-per-file")
+        for path in files:
+            link(path, os.path.join(src, "incoming", SMALL_TABLE, os.path.basename(path)))
+        env = loader_env(f"file://{src}", pg_url(db), SCHEDULE__MAX_FILES_PER_TICK=n,
+                         WORKERS__FILES_PER_SECOND=1_000_000, WORKERS__CONCURRENCY=CONCURRENCY,
+                         WORKERS__GROUP_FILES=1, DATABASE__LEDGER_TABLE="per_file_ledger")
+        r = loader_once(env)
+        per_file = measurement("loader", "the same, workers.group_files = 1 (a transaction per file)", r.t,
+                               rows=rows, nbytes=size, files=n,
+                               status=checked(r.problem(n, rows) or count_problem(pg_count(db, SMALL_TABLE), rows)))
     return make_case(name, f"PostgreSQL, {n:,} CSV files of {rows // n} rows from a local folder",
                      "loader (one tick, all files) vs one psql session running a \\copy per file",
-                     [loader, ceiling], [defaults_note()])
+                     [loader, ceiling, per_file], [defaults_note()])
 
 
 def defaults_note():

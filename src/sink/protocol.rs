@@ -55,9 +55,9 @@ pub(crate) trait FileSink: Sync {
         }
     }
 
-    /// The attempt is counted and the rows are about to be written (PostgreSQL starts its
-    /// lease here; in a group, once per file).
-    fn hold(&self, _claim: &mut Self::Claim, _id: &str) -> impl Future<Output = Result<(), sqlx::Error>> + Send {
+    /// The attempts are counted and the rows of these files are about to be written
+    /// (PostgreSQL and MySQL start their leases here).
+    fn hold(&self, _claim: &mut Self::Claim, _ids: &[String]) -> impl Future<Output = Result<(), sqlx::Error>> + Send {
         async { Ok(()) }
     }
 
@@ -87,6 +87,9 @@ pub(crate) trait FileSink: Sync {
     /// Gives the claim back (every file of a group's); the load's transaction has ended.
     fn release(&self, claim: Self::Claim, id: &str) -> impl Future<Output = ()> + Send;
 }
+
+/// A ledger row as counting a group's attempts returns it: the file's id first.
+pub(crate) type CountedRow = (String, String, Option<i64>, Option<String>, i64, Option<String>);
 
 /// One file of a group loaded in one transaction ([`Ledger::load_group`]).
 pub struct GroupMember<'a> {
@@ -418,7 +421,7 @@ where
             tx.commit().await.map_err(db)?;
             return Ok(LoadOutcome::Failed(error));
         }
-        sink.hold(claim, id).await.map_err(db)?;
+        sink.hold(claim, &[id.to_string()]).await.map_err(db)?;
         let mut tx = sink.begin(claim).await.map_err(db)?;
         let written = self.write_file(sink, &mut tx, file, spec, reader).await?;
         match written {
@@ -500,6 +503,7 @@ where
     where
         S: FileSink<Db = DB>,
         for<'r> (String, i64): FromRow<'r, DB::Row>,
+        for<'r> CountedRow: FromRow<'r, DB::Row>,
     {
         let ids: Vec<String> = members.iter().map(|m| m.file.id()).collect();
         let mut results: Vec<Option<Result<LoadOutcome, LoadError>>> = members.iter().map(|_| None).collect();
@@ -548,6 +552,58 @@ where
         results
     }
 
+    /// [`Ledger::count_attempt`] for the files of a group, in one statement and one commit
+    /// where the database has `INSERT ... ON CONFLICT ... RETURNING`, else one by one. In
+    /// `files`' order.
+    async fn count_attempts(&self, files: &[(FileRef<'_>, &str)]) -> Result<Vec<Counted>, sqlx::Error>
+    where
+        for<'r> CountedRow: FromRow<'r, DB::Row>,
+    {
+        if !self.dialect.upsert_returning || files.len() < 2 {
+            let mut counted = Vec::with_capacity(files.len());
+            for (file, id) in files {
+                counted.push(self.count_attempt(*file, id).await?);
+            }
+            return Ok(counted);
+        }
+        let values = vec!["(?, ?, ?, ?, 'pending', ?, 1, ?)"; files.len()].join(", ");
+        let sql = self.sql(&format!(
+            "INSERT INTO {{L}} (file_id, source, object_key, etag, state, byte_count, attempts, claimed_by)
+             VALUES {values}
+             ON CONFLICT (file_id) DO UPDATE SET attempts = {{L}}.attempts + 1,
+                 claimed_by = excluded.claimed_by, updated_at = {{NOW}}
+                 WHERE {{L}}.state = 'pending' AND {{L}}.attempts < ?
+             RETURNING file_id, state, row_count, error, {{ATTEMPTS}}, history"
+        ));
+        let mut query = sqlx::query_as::<_, CountedRow>(AssertSqlSafe(sql));
+        for (file, id) in files {
+            query = query
+                .bind(id.to_string())
+                .bind(file.source.to_string())
+                .bind(file.key.to_string())
+                .bind(file.etag.to_string())
+                .bind(file.size as i64)
+                .bind(self.owner.clone());
+        }
+        let rows = query.bind(i64::from(self.max_attempts)).fetch_all(&self.pool).await?;
+        let mut now: std::collections::HashMap<String, LedgerRow> = rows
+            .into_iter()
+            .map(|(id, state, rows, error, attempts, history)| (id, (state, rows, error, attempts, history)))
+            .collect();
+        let mut counted = Vec::with_capacity(files.len());
+        for (_, id) in files {
+            counted.push(match now.remove(*id) {
+                Some(row) => Counted { row, now: true },
+                // Loaded or failed already, or out of attempts: as it is.
+                None => Counted {
+                    row: self.read(&self.pool, id).await?,
+                    now: false,
+                },
+            });
+        }
+        Ok(counted)
+    }
+
     /// Which of `ids` are pending with an attempt counted already (tried without an outcome:
     /// a transient error, or a load that ended the process). One query for a whole group.
     async fn tried_before(&self, ids: &[String]) -> Result<std::collections::HashSet<String>, sqlx::Error>
@@ -583,12 +639,14 @@ where
     ) -> Result<(), LoadError>
     where
         S: FileSink<Db = DB>,
+        for<'r> CountedRow: FromRow<'r, DB::Row>,
     {
         let table = |i: usize| members[i].spec.table.as_ref().ok().cloned();
         let mut exhausted = Vec::new();
         let mut to_load = Vec::new();
-        for &i in claimed {
-            let counted = self.count_attempt(members[i].file, &ids[i]).await.map_err(db)?;
+        let files: Vec<(FileRef<'_>, &str)> = claimed.iter().map(|&i| (members[i].file, ids[i].as_str())).collect();
+        let counts = self.count_attempts(&files).await.map_err(db)?;
+        for (&i, counted) in claimed.iter().zip(counts) {
             let (current, rows, error, attempts, history) = counted.row;
             if let Some(done) = outcome_of_state(&current, rows, error) {
                 results[i] = Some(Ok(done));
@@ -601,8 +659,9 @@ where
         if exhausted.is_empty() && to_load.is_empty() {
             return Ok(());
         }
-        for &i in &to_load {
-            sink.hold(claim, &ids[i]).await.map_err(db)?;
+        let holding: Vec<String> = to_load.iter().map(|&i| ids[i].clone()).collect();
+        if !holding.is_empty() {
+            sink.hold(claim, &holding).await.map_err(db)?;
         }
         let mut tx = sink.begin(claim).await.map_err(db)?;
         // Outcomes that hold once the transaction commits.

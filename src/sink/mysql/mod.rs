@@ -246,7 +246,11 @@ impl FileSink for MySqlSink {
         }))
     }
 
-    async fn hold(&self, claim: &mut MySqlClaim, id: &str) -> Result<(), sqlx::Error> {
+    /// One file per transaction here (no groups: see [`super::Database::loads_groups`]).
+    async fn hold(&self, claim: &mut MySqlClaim, ids: &[String]) -> Result<(), sqlx::Error> {
+        let [id] = ids else {
+            return Err(sqlx::Error::Protocol("MySQL loads one file per transaction".into()));
+        };
         claim.heartbeat = Some(self.hold_claim(id, claim.connection).await?);
         Ok(())
     }

@@ -12,33 +12,34 @@ pub(super) fn lock_key(id: &str) -> i64 {
 }
 
 impl PgSink {
-    /// Records who holds the file (the load transaction's server process) and until when, and
-    /// renews that every third of the lease while the load runs.
-    pub(super) async fn hold_claim(&self, id: &str, pid: i32) -> Result<Heartbeat, sqlx::Error> {
+    /// Records who holds the files (the load transaction's server process) and until when, in
+    /// one statement, and renews that every third of the lease while the load runs.
+    pub(super) async fn hold_claims(&self, ids: &[String], pid: i32) -> Result<Heartbeat, sqlx::Error> {
         let lease = self.options.lease.as_secs_f64();
         sqlx::query(AssertSqlSafe(format!(
             "INSERT INTO {} (file_id, owner, backend_pid, claimed_at, expires_at)
-             VALUES ($1, $2, $3, now(), now() + make_interval(secs => $4))
+             SELECT id, $2, $3, now(), now() + make_interval(secs => $4) FROM unnest($1::text[]) AS id
              ON CONFLICT (file_id) DO UPDATE SET owner = excluded.owner, backend_pid = excluded.backend_pid,
                  claimed_at = excluded.claimed_at, expires_at = excluded.expires_at",
             self.claims
         )))
-        .bind(id)
+        .bind(ids)
         .bind(&self.options.owner)
         .bind(pid)
         .bind(lease)
         .execute(&self.pool)
         .await?;
         let renew = format!(
-            "UPDATE {} SET expires_at = now() + make_interval(secs => $3) WHERE file_id = $1 AND backend_pid = $2",
+            "UPDATE {} SET expires_at = now() + make_interval(secs => $3)
+             WHERE file_id = ANY($1) AND backend_pid = $2",
             self.claims
         );
-        let (pool, id) = (self.pool.clone(), id.to_string());
+        let (pool, ids) = (self.pool.clone(), ids.to_vec());
         Ok(Heartbeat::start(self.options.lease / 3, move || {
-            let (pool, id, renew) = (pool.clone(), id.clone(), renew.clone());
+            let (pool, ids, renew) = (pool.clone(), ids.clone(), renew.clone());
             async move {
                 sqlx::query(AssertSqlSafe(renew))
-                    .bind(id)
+                    .bind(ids)
                     .bind(pid)
                     .bind(lease)
                     .execute(&pool)
@@ -48,17 +49,18 @@ impl PgSink {
         }))
     }
 
-    pub(super) async fn release_claim(&self, id: &str, pid: i32) {
+    /// Ends the leases of `ids` held by the session `pid`, in one statement.
+    pub(super) async fn release_claims(&self, ids: &[String], pid: i32) {
         let released = sqlx::query(AssertSqlSafe(format!(
-            "DELETE FROM {} WHERE file_id = $1 AND backend_pid = $2",
+            "DELETE FROM {} WHERE file_id = ANY($1) AND backend_pid = $2",
             self.claims
         )))
-        .bind(id)
+        .bind(ids)
         .bind(pid)
         .execute(&self.pool)
         .await;
         if let Err(e) = released {
-            tracing::debug!(error.message = %e, "could not release the claim (it expires by itself)");
+            tracing::debug!(error.message = %e, "could not release the claims (they expire by themselves)");
         }
     }
 

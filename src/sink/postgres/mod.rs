@@ -42,8 +42,9 @@ pub(crate) const DIALECT: Dialect = Dialect {
 pub struct PgClaim {
     tx: Option<Transaction<'static, Postgres>>,
     pid: i32,
-    /// The leases held, each with its heartbeat (one per file of a group).
-    held: Vec<(String, Heartbeat)>,
+    /// The files whose leases are held, and the heartbeats renewing them.
+    held: Vec<String>,
+    heartbeats: Vec<Heartbeat>,
 }
 
 pub struct PgSink {
@@ -359,6 +360,7 @@ impl FileSink for PgSink {
             tx: Some(tx),
             pid,
             held: Vec::new(),
+            heartbeats: Vec::new(),
         }))
     }
 
@@ -378,9 +380,10 @@ impl FileSink for PgSink {
         Ok(claimed)
     }
 
-    async fn hold(&self, claim: &mut PgClaim, id: &str) -> Result<(), sqlx::Error> {
-        let heartbeat = self.hold_claim(id, claim.pid).await?;
-        claim.held.push((id.to_string(), heartbeat));
+    async fn hold(&self, claim: &mut PgClaim, ids: &[String]) -> Result<(), sqlx::Error> {
+        let heartbeat = self.hold_claims(ids, claim.pid).await?;
+        claim.held.extend_from_slice(ids);
+        claim.heartbeats.push(heartbeat);
         Ok(())
     }
 
@@ -416,9 +419,9 @@ impl FileSink for PgSink {
     }
 
     async fn release(&self, claim: PgClaim, _id: &str) {
-        for (id, heartbeat) in claim.held {
-            drop(heartbeat);
-            self.release_claim(&id, claim.pid).await;
+        drop(claim.heartbeats);
+        if !claim.held.is_empty() {
+            self.release_claims(&claim.held, claim.pid).await;
         }
     }
 }
