@@ -32,6 +32,9 @@ pub struct LocalSource {
     id: String,
     settle_time: Duration,
     versions: Arc<Versions>,
+    /// Files the last listing of `incoming/` left out because they changed within the settle
+    /// time (`None` before the first listing).
+    settling_seen: std::sync::Mutex<Option<u64>>,
 }
 
 /// Names producers use while a file is still being written.
@@ -60,6 +63,7 @@ impl LocalSource {
                 root,
                 settle_time,
                 versions: Arc::default(),
+                settling_seen: Default::default(),
             });
         }
         for dir in [INCOMING, PROCESSED, FAILED].iter().filter(|_| create) {
@@ -72,6 +76,7 @@ impl LocalSource {
             root,
             settle_time,
             versions: Arc::default(),
+            settling_seen: Default::default(),
         })
     }
 
@@ -103,32 +108,32 @@ impl LocalSource {
         } else {
             Duration::ZERO
         };
-        let found = tokio::task::spawn_blocking(move || {
-            let mut out = Vec::new();
-            walk(&dir, "", settle, SystemTime::now(), &mut out).map(|_| out)
+        let (found, settling) = tokio::task::spawn_blocking(move || {
+            let (mut out, mut settling) = (Vec::new(), 0);
+            walk(&dir, "", settle, SystemTime::now(), &mut out, &mut settling).map(|_| (out, settling))
         })
         .await
         .map_err(|e| SourceError::Transient(format!("listing task failed: {e}")))?
         .map_err(|e| SourceError::Transient(format!("listing {prefix}: {e}")))?;
+        if prefix == INCOMING {
+            *self.settling_seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(settling);
+        }
         Ok((found, 1))
     }
 
-    /// Files in `incoming/` not listed yet because they changed within `source.settle_time`.
+    /// Files in `incoming/` not listed yet because they changed within `source.settle_time`,
+    /// as the last listing found them (one walk of the folder serves both); walked now when
+    /// nothing was listed yet.
     pub async fn settling(&self) -> Result<u64, SourceError> {
-        let dir = self.root.join(INCOMING.trim_end_matches('/'));
-        let settle = self.settle_time;
-        let all = tokio::task::spawn_blocking(move || {
-            let mut out = Vec::new();
-            walk(&dir, "", Duration::ZERO, SystemTime::now(), &mut out).map(|_| out)
-        })
-        .await
-        .map_err(|e| SourceError::Transient(format!("listing task failed: {e}")))?
-        .map_err(|e| SourceError::Transient(format!("listing {INCOMING}: {e}")))?;
-        let now = Utc::now();
-        Ok(all
-            .iter()
-            .filter(|o| (now - o.last_modified).to_std().unwrap_or_default() < settle)
-            .count() as u64)
+        if let Some(seen) = *self.settling_seen.lock().unwrap_or_else(|p| p.into_inner()) {
+            return Ok(seen);
+        }
+        self.list(INCOMING).await?;
+        Ok(self
+            .settling_seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or(0))
     }
 
     /// The listed files with their content versions (see the module's doc). A file that is
@@ -461,7 +466,16 @@ fn classify(e: io::Error, path: &Path) -> SourceError {
     }
 }
 
-fn walk(dir: &Path, rel: &str, settle: Duration, now: SystemTime, out: &mut Vec<ObjectMeta>) -> io::Result<()> {
+/// Lists the files under `dir` into `out`, counting in `settling` those left out because they
+/// changed within `settle`.
+fn walk(
+    dir: &Path,
+    rel: &str,
+    settle: Duration,
+    now: SystemTime,
+    out: &mut Vec<ObjectMeta>,
+    settling: &mut u64,
+) -> io::Result<()> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -484,10 +498,11 @@ fn walk(dir: &Path, rel: &str, settle: Duration, now: SystemTime, out: &mut Vec<
         };
         let key = if rel.is_empty() { name } else { format!("{rel}/{name}") };
         if meta.is_dir() {
-            walk(&entry.path(), &key, settle, now, out)?;
+            walk(&entry.path(), &key, settle, now, out, settling)?;
         } else if meta.is_file() {
             let modified = meta.modified()?;
             if now.duration_since(modified).unwrap_or(Duration::ZERO) < settle {
+                *settling += 1;
                 continue;
             }
             out.push(ObjectMeta {
