@@ -417,15 +417,7 @@ async fn read_all_values(
     let table = spec.table.as_deref().unwrap_or("(new)");
     let plan = crate::sink::plan_load(table, &names, &decoded.types, columns, spec, first.as_ref())?;
     validation.columns = plan.new_columns();
-    let checks: Vec<crate::schema::ColumnCheck> = plan
-        .types
-        .iter()
-        .zip(&plan.columns)
-        .map(|(ty, c)| crate::schema::ColumnCheck {
-            ty: *ty,
-            limits: limits.get(c).copied().unwrap_or_default(),
-        })
-        .collect();
+    let checks = plan.checks(&limits);
     let mut batch = first;
     while let Some(b) = batch {
         for r in 0..b.len() {

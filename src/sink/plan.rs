@@ -58,6 +58,21 @@ pub struct Plan {
     pub types: Vec<ColumnType>,
 }
 
+impl Plan {
+    /// What each planned column must satisfy: its type, and the limits an existing column's
+    /// declaration adds (`limits`, by column name).
+    pub fn checks(&self, limits: &std::collections::HashMap<String, schema::Limits>) -> Vec<ColumnCheck> {
+        self.columns
+            .iter()
+            .zip(&self.types)
+            .map(|(c, t)| ColumnCheck {
+                ty: *t,
+                limits: limits.get(c).copied().unwrap_or_default(),
+            })
+            .collect()
+    }
+}
+
 /// Matches the file's columns (`fixed`: types the format fixes, see `Decoded::types`) against the table
 /// (`existing`: name and type of each column, or `None` when it does not exist) under the
 /// route's rules, inferring types from `sample` for a new table or new columns.

@@ -99,18 +99,6 @@ pub(crate) async fn table_info(conn: &mut PgConnection, table: &str) -> Result<O
     Ok(Some((columns, limits)))
 }
 
-/// What each planned column must satisfy: its type, and the limits of an existing column.
-fn checks_of(plan: &Plan, limits: &std::collections::HashMap<String, Limits>) -> Vec<ColumnCheck> {
-    plan.columns
-        .iter()
-        .zip(&plan.types)
-        .map(|(c, t)| ColumnCheck {
-            ty: *t,
-            limits: limits.get(c).copied().unwrap_or_default(),
-        })
-        .collect()
-}
-
 /// See [`super::nodelay`]: finds this connection's socket by its ports (none on a Unix socket).
 pub(crate) async fn disable_nagle(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
     let (client, server): (Option<i32>, Option<i32>) = sqlx::query_as("SELECT inet_client_port(), inet_server_port()")
@@ -251,7 +239,7 @@ impl PgSink {
             && let Ok(plan) = plan_load(table, file_cols, fixed, Some(columns), spec, sample)
             && plan.add.is_empty()
         {
-            let checks = checks_of(&plan, &limits);
+            let checks = plan.checks(&limits);
             return Ok(Some((plan, checks)));
         }
         let mut existing = table_info(conn, table).await?;
@@ -283,7 +271,7 @@ impl PgSink {
         }
         let (columns, limits) = existing.map_or((None, Default::default()), |(c, l)| (Some(c), l));
         let plan = plan_load(table, file_cols, fixed, columns, spec, sample)?;
-        let checks = checks_of(&plan, &limits);
+        let checks = plan.checks(&limits);
         Ok(Some((plan, checks)))
     }
 
